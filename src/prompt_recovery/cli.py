@@ -1,0 +1,111 @@
+"""Command line: a dispatch table of typed entry functions; options are generated from the dataclasses.
+
+Exit codes: 0 done (even with fallbacks); 2 unusable input, with a one-line message; 1 an internal
+error after a valid fallback submission was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+from .config import PredictArgs, field_docs
+from .data import InputError
+
+# Short spellings promised by the command-line contract.
+SHORT = {"output": "-o"}
+
+
+def _base_type(tp):
+    """(python type, choices) for a field annotation: unwraps Optional and Literal."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), list(choices)
+    return tp, None
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            add_dataclass_args(parser, tp)
+            continue
+        help_text = docs.get(f.name, "")
+        if f.name in positional:
+            parser.add_argument(f.name, help=help_text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        names = [SHORT[f.name], flag] if f.name in SHORT else [flag]
+        base, choices = _base_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if base is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=base, choices=choices, default=default,
+                                help=f"{help_text} (default: {default})" if default is not None else help_text)
+
+
+def build(cls: type, ns: argparse.Namespace):
+    """Construct ``cls`` (and its nested dataclasses) from parsed options."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        kwargs[f.name] = build(tp, ns) if dataclasses.is_dataclass(tp) else getattr(ns, f.name)
+    return cls(**kwargs)
+
+
+def run_predict(args: PredictArgs) -> int:
+    from .predict import predict
+
+    report = predict(args)
+    print(report.summary(), file=sys.stderr)
+    return 1 if report.error else 0
+
+
+# name: (argument dataclass, positional fields, entry function, help)
+COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
+    "predict": (PredictArgs, ("test_csv",), run_predict, "write a submission for a test CSV"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prompt-recovery", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, positional, _, help_text) in COMMANDS.items():
+        add_dataclass_args(sub.add_parser(name, help=help_text, description=help_text), cls, positional)
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    cls, _, entry, _ = COMMANDS[ns.command]
+    try:
+        args = build(cls, ns)
+        return entry(args)
+    except (InputError, ValueError) as exc:
+        # Bad input is the user's to fix: one line, no traceback.
+        print(f"prompt-recovery {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prompt-recovery {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        print(f"prompt-recovery {ns.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Typed arguments, one dataclass per concern, validated in __post_init__.
+
+Each field carries a one-line docstring; the CLI reads them (``field_docs``) as its help text, so the
+command line and the Python API never drift apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Literal
+
+Quantize = Literal["none", "4bit", "8bit"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class ModelArgs:
+    model: str | None = None
+    """HF model folder, a .gguf file, or empty for the embedded Gemma 3 270M."""
+    adapter: str | None = "auto"
+    """PEFT adapter folder; 'auto' takes the one shipped for the embedded model, 'none' runs the bare base."""
+    quantize: Quantize = "none"
+    """bitsandbytes quantization of the base model: none, 4bit (nf4, double quantization) or 8bit."""
+    dtype: DType = "auto"
+    """Weights and compute dtype; auto: float32 on CPU, bfloat16 where the GPU has it, else float16."""
+    device: Device = "auto"
+    """Where the model runs; auto: every visible GPU (device_map=auto), else the CPU."""
+    merge_lora: bool = True
+    """Merge a LoRA adapter into an unquantized base for speed."""
+    cache_dir: str | None = None
+    """Where GGUF files are converted once into HF folders (default ~/.cache/prompt_recovery)."""
+
+    def __post_init__(self) -> None:
+        _choice("quantize", self.quantize, ("none", "4bit", "8bit"))
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        if self.model == "":
+            self.model = None
+
+
+@dataclass
+class PromptArgs:
+    max_input_tokens: int = 1024
+    """Whole recovery prompt length in tokens; both texts are truncated to fit."""
+    answer_prefix: str | None = None
+    """Text that starts the model's answer and is part of the prediction (default: the template's)."""
+    template: str | None = None
+    """JSON file with a recovery template (default: the adapter's, else the built-in one)."""
+
+    def __post_init__(self) -> None:
+        if self.max_input_tokens < 64:
+            raise ValueError(f"max_input_tokens must be at least 64; got {self.max_input_tokens}")
+
+
+@dataclass
+class GenerationArgs:
+    max_new_tokens: int = 48
+    """Most tokens generated for one row."""
+    max_batch_tokens: int = 16384
+    """Most tokens in one batch, counted as rows x (padded prompt + max_new_tokens)."""
+    max_batch_size: int = 64
+    """Most rows in one batch."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_batch_tokens", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+
+
+@dataclass
+class BudgetArgs:
+    budget_per_row: float = 25.0
+    """Seconds allowed per row; the run deadline is rows x this, or --time-limit if smaller."""
+    time_limit: float | None = None
+    """Seconds for the whole run, model load included."""
+    safety_margin: float = 30.0
+    """Seconds kept free before the deadline for the last writes; at most a tenth of the budget."""
+
+    def __post_init__(self) -> None:
+        if self.budget_per_row <= 0:
+            raise ValueError(f"budget_per_row must be positive; got {self.budget_per_row}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive; got {self.time_limit}")
+        if self.safety_margin < 0:
+            raise ValueError(f"safety_margin must be >= 0; got {self.safety_margin}")
+
+    def seconds(self, n_rows: int) -> float:
+        """The whole run's budget in seconds, before the safety margin."""
+        by_rows = max(n_rows, 1) * self.budget_per_row
+        return by_rows if self.time_limit is None else min(by_rows, self.time_limit)
+
+    def margin(self, n_rows: int) -> float:
+        # A fixed margin would swallow a tight budget whole, so it never takes more than a tenth.
+        return min(self.safety_margin, 0.1 * self.seconds(n_rows))
+
+
+@dataclass
+class OutputArgs:
+    fallback_prompt: str | None = None
+    """Prompt for rows that get no usable generation (default: the shipped mean prompt)."""
+    fallback_prompt_file: str | None = None
+    """File holding the fallback prompt (for example from optimize-prompt)."""
+    suffix_file: str | None = None
+    """File whose text is appended to every model prediction (mean-prompt ensembling)."""
+    max_prompt_words: int = 60
+    """Most words kept of a generated prompt (the scorer reads only its first 128 tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.fallback_prompt is not None and self.fallback_prompt_file is not None:
+            raise ValueError("give --fallback-prompt or --fallback-prompt-file, not both")
+        if self.fallback_prompt is not None and not self.fallback_prompt.strip():
+            raise ValueError("fallback_prompt must not be blank: a blank row fails the whole submission")
+        if self.max_prompt_words < 1:
+            raise ValueError(f"max_prompt_words must be at least 1; got {self.max_prompt_words}")
+
+
+@dataclass
+class PredictArgs:
+    test_csv: str
+    """Competition test table: id, original_text, rewritten_text."""
+    output: str = "submission.csv"
+    """Submission to write (id, rewrite_prompt); valid at every moment."""
+    resume: bool = False
+    """Skip rows finished by an earlier run of the same input (from the checkpoint beside the output)."""
+    report: str | None = None
+    """Write the run report as JSON here."""
+    progress: bool = True
+    """Show a progress bar."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+    budget: BudgetArgs = field(default_factory=BudgetArgs)
+    out: OutputArgs = field(default_factory=OutputArgs)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each dataclass field, read from the source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def public_fields(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]

@@ -1,0 +1,153 @@
+"""Write submissions atomically and keep a checkpoint of finished rows.
+
+Invariant: the output path is at every moment either absent or a complete, valid submission. Each write
+goes to a temporary file in the same folder, is read back and validated, fsynced, and only then
+``os.replace``d over the output (atomic on POSIX and Windows), so a kill at any instant leaves the old
+file or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+HEADER = ("id", "rewrite_prompt")
+
+
+class SubmissionError(Exception):
+    """A submission that the competition would reject."""
+
+
+def validate_rows(ids: Sequence[str], found: Sequence[tuple[str, str]]) -> None:
+    """Raise SubmissionError unless ``found`` has every id of ``ids`` in order, each with a prompt."""
+    if len(found) != len(ids):
+        raise SubmissionError(f"submission has {len(found)} rows, expected {len(ids)}")
+    for n, (want, (got, prompt)) in enumerate(zip(ids, found)):
+        if got != want:
+            raise SubmissionError(f"row {n}: id {got!r} where {want!r} was expected")
+        if not prompt.strip():
+            raise SubmissionError(f"row {n} (id {want!r}) has a blank prompt")
+
+
+def read_submission(path: str) -> list[tuple[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header) != HEADER:
+            raise SubmissionError(f"{path}: header is {header}, expected {list(HEADER)}")
+        return [(r[0], r[1]) if len(r) == 2 else ("<bad line>", "") for r in reader]
+
+
+def render(ids: Sequence[str], prompts: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HEADER)
+    writer.writerows(zip(ids, prompts))
+    return buf.getvalue()
+
+
+def write_submission(path: str, ids: Sequence[str], prompts: Sequence[str]) -> None:
+    """Atomically replace ``path`` with a validated submission; on any failure the old file stays."""
+    if len(ids) != len(prompts):
+        raise SubmissionError(f"{len(ids)} ids but {len(prompts)} prompts")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write(render(ids, prompts))
+            f.flush()
+            os.fsync(f.fileno())
+        # Read back what is on disk, not what we meant to write: that is what gets replaced in.
+        validate_rows(ids, read_submission(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not every platform can open a directory; the replace itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def input_fingerprint(ids: Sequence[str], texts: Sequence[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for i, (a, b) in zip(ids, texts):
+        for part in (i, a, b):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\x00")
+    return h.hexdigest()
+
+
+class Checkpoint:
+    """Append-only JSONL of finished rows beside the output, so ``--resume`` can skip them.
+
+    The first line names the input (a hash of ids and texts); a checkpoint of another input is ignored.
+    A line cut short by a kill is skipped on reading.
+    """
+
+    def __init__(self, path: str, fingerprint: str) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+
+    @staticmethod
+    def path_for(output: str) -> str:
+        return output + ".checkpoint.jsonl"
+
+    def load(self, ids: Sequence[str]) -> dict[int, tuple[str, str]]:
+        """Finished rows of this input: {row index: (prompt, source)}."""
+        if not os.path.exists(self.path):
+            return {}
+        done: dict[int, tuple[str, str]] = {}
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            head = {}
+        if head.get("input") != self.fingerprint:
+            log.warning("checkpoint %s belongs to another input; starting afresh", self.path)
+            return {}
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+                n, rid, prompt, source = rec["row"], rec["id"], rec["prompt"], rec["source"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by a kill: that row is simply done again
+            if isinstance(n, int) and 0 <= n < len(ids) and ids[n] == rid and str(prompt).strip():
+                done[n] = (str(prompt), str(source))
+        return done
+
+    def start(self, keep: bool) -> None:
+        """Begin a checkpoint, keeping the existing lines when resuming the same input."""
+        if keep and os.path.exists(self.path):
+            return
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"input": self.fingerprint}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, records: Sequence[tuple[int, str, str, str]]) -> None:
+        """Record finished rows: (row index, id, prompt, source)."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            for n, rid, prompt, source in records:
+                f.write(json.dumps({"row": n, "id": rid, "prompt": prompt, "source": source}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
