@@ -9,9 +9,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import sys
 from dataclasses import dataclass
-
-import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -43,66 +42,61 @@ class Table:
     encoding: str
 
 
-def _read_frame(path: str, encoding: str) -> pd.DataFrame:
-    header: list[str] = []
-
-    def keep_row(bad: list[str]) -> list[str]:
-        # A line with more fields than the header (an unquoted comma) keeps its first fields: a
-        # mangled text still gets a prediction, where dropping the line would lose the row.
-        return bad[: len(header)] if header else bad
-
+def _read_rows(path: str, encoding: str) -> tuple[list[str], list[list[str]]]:
     with open(path, newline="", encoding=encoding) as f:
-        first = next(csv.reader(f), [])
-    header = first
-    return pd.read_csv(
-        path,
-        dtype=str,
-        keep_default_na=False,
-        encoding=encoding,
-        engine="python",
-        index_col=False,
-        on_bad_lines=keep_row,
-    )
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise InputError(f"cannot read {path}: the file is empty (not even a header)")
+        return header, list(reader)
 
 
 def read_table(path: str, required: tuple[str, ...] = ("id",), optional: tuple[str, ...] = TEXT_COLUMNS):
-    """Read a CSV as strings. Returns (frame, warnings, encoding); raises InputError if unusable."""
+    """Read a CSV as strings into {column: values}. Returns (columns, n_rows, warnings, encoding).
+
+    The csv module, not pandas: every cell stays the exact string it was (ids "007" or "1e5", texts
+    "NaN"), quoted newlines and CRLF work, and a malformed line never silently drops its row.
+    """
     if not os.path.isfile(path):
         raise InputError(f"cannot read {path}: no such file")
+    # The default 128 KiB field limit would reject a long text; truncation by tokens happens later.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     warnings: list[str] = []
     encoding = "utf-8-sig"  # utf-8-sig also strips a BOM, which would otherwise rename the id column
     try:
         try:
-            frame = _read_frame(path, encoding)
+            header, lines = _read_rows(path, encoding)
         except UnicodeDecodeError:
             encoding = "latin-1"
             warnings.append(f"{path} is not UTF-8; read as latin-1, some characters may be wrong")
-            frame = _read_frame(path, encoding)
-    except pd.errors.EmptyDataError:
-        raise InputError(f"cannot read {path}: the file is empty (not even a header)") from None
-    except (pd.errors.ParserError, csv.Error, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read {path}: {first_line}") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
+            header, lines = _read_rows(path, encoding)
+    except (csv.Error, OSError) as exc:
+        raise InputError(f"cannot read {path}: {str(exc).strip() or type(exc).__name__}") from None
+    header = [h.strip() for h in header]
     for col in required:
-        if col not in frame.columns:
-            found = ", ".join(frame.columns[:8]) or "none"
+        if col not in header:
+            found = ", ".join(repr(h[:20]) for h in header[:6]) or "none"
             raise InputError(f"{path} has no '{col}' column (columns found: {found})")
+    width = len(header)
+    ragged = sum(1 for line in lines if len(line) != width)
+    if ragged:
+        # Short lines are padded with empty cells, long ones cut: the row is answered either way.
+        warnings.append(f"{ragged} line(s) of {path} have a wrong number of fields; kept, padded or cut")
+    lines = [(line + [""] * width)[:width] for line in lines]
+    table = {col: [line[k] for line in lines] for k, col in enumerate(header) if col}
     for col in optional:
-        if col not in frame.columns:
+        if col not in table:
             warnings.append(f"{path} has no '{col}' column: every row gets the fallback prompt")
-            frame[col] = ""
-    # Short rows leave NaN even with keep_default_na=False; an empty string is what they mean.
-    frame = frame.fillna("")
-    return frame, warnings, encoding
+            table[col] = [""] * len(lines)
+    return table, len(lines), warnings, encoding
 
 
 def read_test(path: str) -> Table:
     """Read a test table (id, original_text, rewritten_text) in input order."""
-    frame, warnings, encoding = read_table(path)
+    table, _, warnings, encoding = read_table(path)
     rows = [
-        Row(str(i), str(o)[:MAX_CELL_CHARS], str(r)[:MAX_CELL_CHARS])
-        for i, o, r in zip(frame["id"], frame["original_text"], frame["rewritten_text"])
+        Row(i, o[:MAX_CELL_CHARS], r[:MAX_CELL_CHARS])
+        for i, o, r in zip(table["id"], table["original_text"], table["rewritten_text"])
     ]
     empty = [r.id for r in rows if not r.usable]
     column_missing = any("column" in w for w in warnings)  # already said once for every row

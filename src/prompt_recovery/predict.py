@@ -75,6 +75,7 @@ class Report:
                 f"quantize {self.model.get('quantize')}); adapter {self.model.get('adapter') or 'none'}"
                 + (f" ({self.model.get('adapter_type')})" if self.model.get("adapter_type") else "")
             )
+        lines += [f"warning: {w}" for w in self.warnings]
         if self.error:
             lines.append(f"error: {self.error}")
         return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny Llama and a byte-level BPE tokenizer built in-process, saved as an HF folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+CORPUS = [
+    "An LLM was given an instruction and the original text below, and it produced the rewritten text.",
+    "Recover the instruction. Original text: Rewritten text: Instruction: Rewrite this text",
+    "Make it formal. Turn this into a poem. Write it as a pirate. Summarise the text in one line.",
+    "The quick brown fox jumps over the lazy dog. Hello world!\nNew line here.\n",
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def make_model(tokenizer, hidden_size: int = 16, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny(folder, hidden_size: int = 16, seed: int = 0) -> str:
+    tok = make_tokenizer()
+    model = make_model(tok, hidden_size, seed)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_32(tmp_path_factory) -> str:
+    """Another base model: different hidden size, for adapter mismatch tests."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama-32"), hidden_size=32)
+
+
+TEXTS = [
+    ("The meeting is at five.", "Yo, we meet at five, dude!"),
+    ("Cats sleep a lot.", "Felines slumber for most of the day, it is said."),
+    ("The sun rises in the east.", "Golden sun ascends from eastern shores."),
+    ("Please send the report.", "Kindly forward the report at your earliest convenience."),
+    ("It rained all day.", "Rain, rain, all the day, the sky would never go away."),
+]
+
+
+def write_test_csv(path, n: int = 5, ids=None) -> list[str]:
+    ids = ids or [f"{i:04d}" for i in range(n)]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "original_text", "rewritten_text"])
+        for k, rid in enumerate(ids):
+            o, r = TEXTS[k % len(TEXTS)]
+            w.writerow([rid, o + f" ({k})" * (k % 3), r])
+    return ids
+
+
+def read_csv_rows(path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def assert_valid_submission(path, ids) -> list[str]:
+    rows = read_csv_rows(path)
+    assert rows[0] == ["id", "rewrite_prompt"]
+    assert [r[0] for r in rows[1:]] == list(ids)
+    assert all(len(r) == 2 and r[1].strip() for r in rows[1:])
+    return [r[1] for r in rows[1:]]
