@@ -7,8 +7,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import assert_valid_submission, read_csv_rows, write_test_csv
+
 from prompt_recovery.cli import main
 from prompt_recovery.predict import shipped_text
 
@@ -100,19 +100,20 @@ def test_bom_crlf_quoted_newlines_extra_and_reordered_columns(run, tmp_path):
 
 
 def test_latin1_is_read_with_warning(run, tmp_path):
-    code, out, err = run(write(tmp_path / "t.csv", "id,original_text,rewritten_text\n1,café au lait,Caffè!\n", "latin-1"))
+    text = "id,original_text,rewritten_text\n1,café au lait,Caffè!\n"
+    code, out, err = run(write(tmp_path / "t.csv", text, "latin-1"))
     assert code == 0 and "latin-1" in err
     assert_valid_submission(out, ["1"])
 
 
 def test_header_only_gives_header_only_output(run, tmp_path):
-    code, out, err = run(write(tmp_path / "t.csv", "id,original_text,rewritten_text\n"))
+    code, out, _err = run(write(tmp_path / "t.csv", "id,original_text,rewritten_text\n"))
     assert code == 0
     assert read_csv_rows(out) == [["id", "rewrite_prompt"]]
 
 
 def test_too_many_fields_keeps_the_row(run, tmp_path):
-    code, out, err = run(write(tmp_path / "t.csv", "id,original_text,rewritten_text\n1,a,b,c\n2,d,e\n"))
+    code, out, _err = run(write(tmp_path / "t.csv", "id,original_text,rewritten_text\n1,a,b,c\n2,d,e\n"))
     assert code == 0
     assert_valid_submission(out, ["1", "2"])
 
@@ -131,7 +132,7 @@ def test_huge_texts_are_truncated_not_fatal(run, tmp_path):
 
 
 def test_unchanged_rows_get_the_rule_prompt(run, tmp_path):
-    code, out, err = run(write(tmp_path / "t.csv", 'id,original_text,rewritten_text\n1,"Same  text.","Same text. "\n'))
+    code, out, _err = run(write(tmp_path / "t.csv", 'id,original_text,rewritten_text\n1,"Same  text.","Same text. "\n'))
     assert code == 0
     assert "exactly as it is" in assert_valid_submission(out, ["1"])[0]
 
@@ -140,7 +141,7 @@ def test_fallback_prompt_file_and_suffix(run, tmp_path):
     (tmp_path / "fb.txt").write_text("Improve the text to this.\n")
     (tmp_path / "suffix.txt").write_text("  Make it lucid.  ")
     write_test_csv(tmp_path / "t.csv", n=3)
-    code, out, err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
+    code, out, _err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
                          "--suffix-file", str(tmp_path / "suffix.txt"), "--max-new-tokens", "4")
     assert code == 0
     for p in assert_valid_submission(out, ["0000", "0001", "0002"]):

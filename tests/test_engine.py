@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_model, make_tokenizer
+
 from prompt_recovery.engine import Engine, newline_token_ids
 from prompt_recovery.prompt import PromptBuilder, Template
 
@@ -66,7 +66,7 @@ def test_time_bound_stops_generation(tok_model):
 
 
 def test_out_of_memory_becomes_memory_error(tok_model):
-    tok, model = tok_model
+    _tok, _model = tok_model
 
     class Exploding(torch.nn.Module):
         def __init__(self):

@@ -48,8 +48,8 @@ def make_prompts(n, seed):
 
 
 def scheduler(engine, clock, deadline, **kw):
-    args = dict(deadline=deadline, max_new_tokens=8, max_batch_tokens=2000, max_batch_size=16,
-                budget_per_row=25.0, clock=clock)
+    args = {"deadline": deadline, "max_new_tokens": 8, "max_batch_tokens": 2000, "max_batch_size": 16,
+                "budget_per_row": 25.0, "clock": clock}
     args.update(kw)
     return Scheduler(engine, **args)
 

@@ -177,7 +177,6 @@ def _attention(device: str) -> str:
 
 def load_base(args: ModelArgs):
     """Load (model, tokenizer, identity, info) for inference, offline, without remote code."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     _offline()

@@ -15,16 +15,16 @@ UNCHANGED_PROMPT = "Rewrite this text exactly as it is, keeping every word the s
 _LABEL = re.compile(
     r"^\s*(?:(?:the\s+)?(?:rewrite\s+)?(?:instruction|prompt|answer|response|output)s?(?:\s+used)?|"
     r"rewrite prompt|original text|rewritten text)\s*[:\-]\s*",
-    re.I,
+    re.IGNORECASE,
 )
 _PREAMBLE = re.compile(
     r"^\s*(?:sure|okay|ok|certainly|of course|absolutely|here(?:'s| is| are)|the instruction (?:was|is))"
     r"\b[^:\n]{0,80}?(?::|\.|!|,)\s+",
-    re.I,
+    re.IGNORECASE,
 )
 _QUOTES = "\"'`“”‘’«»*"
 _TRAILING_CHATTER = re.compile(
-    r"\s+(?:I hope|Let me know|Note:|This instruction|Explanation:|Original text:|Rewritten text:).*$", re.I
+    r"\s+(?:I hope|Let me know|Note:|This instruction|Explanation:|Original text:|Rewritten text:).*$", re.IGNORECASE
 )
 _WS = re.compile(r"\s+")
 

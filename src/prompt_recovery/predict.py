@@ -61,11 +61,11 @@ class Report:
     def summary(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallback_reasons.items())) or "none"
         lines = [
-            f"wrote {self.output}: {self.rows} rows; {self.generated} generated, {self.rule_based} by rule, "
-            f"{self.resumed} resumed, {self.fallback} fallback ({reasons})",
-            f"time {self.elapsed_s:.1f}s of {self.budget_s:.0f}s budget ({100 * self.deadline_used:.0f}%); "
+            (f"wrote {self.output}: {self.rows} rows; {self.generated} generated, {self.rule_based} by rule, "
+            f"{self.resumed} resumed, {self.fallback} fallback ({reasons})"),
+            (f"time {self.elapsed_s:.1f}s of {self.budget_s:.0f}s budget ({100 * self.deadline_used:.0f}%); "
             f"load {self.load_s:.1f}s, generate {self.generate_s:.1f}s in {len(self.batches)} batches, "
-            f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} new tokens/s",
+            f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} new tokens/s"),
             f"peak memory: {self.peak_rss_mb:.0f} MB RSS"
             + (f", {self.peak_cuda_mb:.0f} MB CUDA" if self.peak_cuda_mb is not None else ""),
         ]

@@ -147,7 +147,9 @@ class Checkpoint:
     def append(self, records: Sequence[tuple[int, str, str, str]]) -> None:
         """Record finished rows: (row index, id, prompt, source)."""
         with open(self.path, "a", encoding="utf-8") as f:
-            for n, rid, prompt, source in records:
-                f.write(json.dumps({"row": n, "id": rid, "prompt": prompt, "source": source}) + "\n")
+            f.writelines(
+                json.dumps({"row": n, "id": rid, "prompt": prompt, "source": source}) + "\n"
+                for n, rid, prompt, source in records
+            )
             f.flush()
             os.fsync(f.fileno())

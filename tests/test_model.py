@@ -1,0 +1,163 @@
+"""Loader and adapters on a tiny in-process model: real peft adapters, saved, then loaded by predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_valid_submission, write_test_csv
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+from prompt_recovery import model as model_lib
+from prompt_recovery.cli import main
+from prompt_recovery.config import ModelArgs
+from prompt_recovery.data import InputError
+from prompt_recovery.engine import Engine
+from prompt_recovery.model import AdapterMismatch, ensure_pad_token
+from prompt_recovery.prompt import PromptBuilder, Template
+
+CONFIGS = {
+    "prompt_tuning": lambda: PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+    "prefix_tuning": lambda: PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+    "lora": lambda: LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+}
+
+
+def make_adapter(base_dir, kind, out_dir, seed=1):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(base, CONFIGS[kind]())
+    with torch.no_grad():  # move the soft prompt / prefix away from its init so it visibly matters
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and "lora" not in name:
+                p.add_(torch.randn_like(p))
+    peft_model.save_pretrained(out_dir)
+    model_lib.write_identity(str(out_dir), model_lib.identity(base.config, "tiny-llama"))
+    return peft_model.eval()
+
+
+def first_token_logits(model, ids):
+    with torch.no_grad():
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        return model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -1]
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_adapter_loads_and_matches_in_memory_model(kind, tiny_model_dir, tmp_path):
+    adapter = tmp_path / kind
+    in_memory = make_adapter(tiny_model_dir, kind, adapter)
+    loaded = model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(adapter)))
+    assert loaded.adapter_type == {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
+                                   "lora": "LORA"}[kind]
+    ids = PromptBuilder(loaded.tokenizer, Template(), 256).build("Some text.", "Some other text!")
+    got, want = first_token_logits(loaded.model, ids), first_token_logits(in_memory, ids)
+    assert torch.allclose(got, want, atol=1e-5)
+    # ...and the adapter changes what the base model would say.
+    base = model_lib.load(ModelArgs(model=tiny_model_dir, adapter="none")).model
+    assert not torch.allclose(first_token_logits(base, ids), want, atol=1e-4)
+    # It generates through the engine too (soft prompts go through PeftModel.generate).
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id, [loaded.tokenizer.eos_token_id], 5)
+    assert len(engine.generate([ids, ids[:40]])) == 2
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_predict_runs_with_each_adapter(kind, tiny_model_dir, tmp_path, capsys):
+    adapter = tmp_path / kind
+    make_adapter(tiny_model_dir, kind, adapter)
+    Template(instruction="Say which instruction was used.").save(str(adapter))
+    ids = write_test_csv(tmp_path / "t.csv", n=4)
+    out = tmp_path / "s.csv"
+    report = tmp_path / "r.json"
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(out), "--model", tiny_model_dir, "--adapter",
+                 str(adapter), "--no-progress", "--report", str(report), "--max-new-tokens", "6"])
+    assert code == 0, capsys.readouterr().err
+    assert_valid_submission(out, ids)
+    rep = json.loads(report.read_text())
+    assert rep["model"]["adapter"] == str(adapter)
+    assert rep["template"]["instruction"] == "Say which instruction was used."  # the adapter's template
+
+
+def test_adapter_for_another_base_is_refused_naming_both(tiny_model_dir, tiny_model_dir_32, tmp_path, capsys):
+    adapter = tmp_path / "pt32"
+    make_adapter(tiny_model_dir_32, "prompt_tuning", adapter)
+    ident = json.loads((adapter / "base_model.json").read_text())
+    ident["name"] = "tiny-llama-32"
+    (adapter / "base_model.json").write_text(json.dumps(ident))
+    with pytest.raises(AdapterMismatch, match=r"tiny-llama-32 \(hidden size 32\).*hidden size 16"):
+        model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(adapter)))
+    ids = write_test_csv(tmp_path / "t.csv", n=2)
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(tmp_path / "s.csv"), "--model", tiny_model_dir,
+                 "--adapter", str(adapter)])
+    err = capsys.readouterr().err
+    assert code == 2 and "tiny-llama-32" in err and "Traceback" not in err
+    assert_valid_submission(tmp_path / "s.csv", ids)  # the fallback file written before the load stays
+
+
+def test_plain_peft_folder_without_identity_is_checked_by_shape(tiny_model_dir, tiny_model_dir_32, tmp_path):
+    adapter = tmp_path / "lora32"
+    make_adapter(tiny_model_dir_32, "lora", adapter)
+    (adapter / "base_model.json").unlink()
+    with pytest.raises(AdapterMismatch):
+        model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(adapter)))
+
+
+def test_folder_without_adapter_config_is_input_error(tiny_model_dir, tmp_path):
+    with pytest.raises(InputError, match="adapter_config.json"):
+        model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(tmp_path)))
+
+
+def test_lora_is_merged_on_unquantized_base(tiny_model_dir, tmp_path):
+    make_adapter(tiny_model_dir, "lora", tmp_path / "lora")
+    merged = model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(tmp_path / "lora")))
+    assert not hasattr(merged.model, "peft_config")
+    kept = model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(tmp_path / "lora"), merge_lora=False))
+    assert hasattr(kept.model, "peft_config")
+
+
+def test_4bit_loading_through_bitsandbytes_on_cpu(tmp_path):
+    # bitsandbytes quantizes Linear layers in blocks of 64: use a model wide enough for that.
+    from conftest import save_tiny
+
+    folder = save_tiny(tmp_path / "m64", hidden_size=64)
+    loaded = model_lib.load(ModelArgs(model=folder, quantize="4bit", adapter="none"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    ids = PromptBuilder(loaded.tokenizer, Template(), 256).build("Text.", "Rewritten text.")
+    out = Engine(loaded.model, loaded.tokenizer.pad_token_id, [loaded.tokenizer.eos_token_id], 4).generate([ids])
+    assert len(out) == 1
+
+
+def test_tokenizer_without_pad_gets_one_that_is_not_eos():
+    from conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    model = make_model(tok)
+    tok.pad_token = tok.eos_token
+    ensure_pad_token(tok, model)
+    assert tok.pad_token_id != tok.eos_token_id and tok.pad_token == "<unk>"
+    tok.unk_token = None
+    tok.pad_token = tok.eos_token
+    ensure_pad_token(tok, model)
+    assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+
+
+def test_model_config_is_never_remote_code(tiny_model_dir, monkeypatch):
+    seen = {}
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model_lib.load(ModelArgs(model=tiny_model_dir, adapter="none"))
+    assert not seen.get("trust_remote_code") and seen["local_files_only"] is True
+    assert seen["use_safetensors"] is True

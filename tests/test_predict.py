@@ -1,0 +1,183 @@
+"""predict end to end on the tiny model: faults, resume, deadline, and kill -9 at random moments."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import assert_valid_submission, write_test_csv
+
+from prompt_recovery import model as model_lib
+from prompt_recovery.config import BudgetArgs, GenerationArgs, ModelArgs, PredictArgs
+from prompt_recovery.predict import predict, shipped_text
+from prompt_recovery.submission import Checkpoint, SubmissionError, write_submission
+
+FALLBACK = shipped_text("mean_prompt.txt")
+
+
+class Counting:
+    """Wraps a model: counts rows generated and can raise on the n-th generate call."""
+
+    def __init__(self, model, fail_on_call=None, exc=KeyboardInterrupt):
+        self.model, self.fail_on_call, self.exc = model, fail_on_call, exc
+        self.calls = self.rows = 0
+        self.generation_config = model.generation_config
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def generate(self, **kw):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise self.exc("injected")
+        self.rows += kw["input_ids"].shape[0]
+        return self.model.generate(**kw)
+
+
+def loader_with(wrapper_kwargs, seen):
+    def load(args: ModelArgs):
+        loaded = model_lib.load(args)
+        loaded.model = Counting(loaded.model, **wrapper_kwargs)
+        seen.append(loaded.model)
+        return loaded
+
+    return load
+
+
+def args_for(tmp_path, model_dir, n=10, **kw):
+    write_test_csv(tmp_path / "t.csv", n=n)
+    return PredictArgs(test_csv=str(tmp_path / "t.csv"), output=str(tmp_path / "s.csv"), progress=False,
+                       model=ModelArgs(model=model_dir, adapter="none"),
+                       generation=GenerationArgs(max_new_tokens=6, max_batch_size=2), **kw)
+
+
+def test_resume_skips_rows_finished_before_a_crash(tiny_model_dir, tmp_path):
+    args = args_for(tmp_path, tiny_model_dir, n=10)
+    ids = [f"{i:04d}" for i in range(10)]
+    seen: list[Counting] = []
+    with pytest.raises(KeyboardInterrupt):
+        predict(args, loader=loader_with({"fail_on_call": 3}, seen))
+    partial = assert_valid_submission(args.output, ids)
+    finished = sum(p != FALLBACK for p in partial)
+    assert seen[0].rows == 4 and finished >= 1
+
+    args.resume = True
+    report = predict(args, loader=loader_with({}, seen))
+    assert report.resumed == 4
+    assert seen[1].rows == 6  # only the rows the crash left
+    final = assert_valid_submission(args.output, ids)
+    assert all(f == p for f, p in zip(final, partial) if p != FALLBACK)  # finished rows kept as they were
+
+    # A fresh run without --resume starts over.
+    args.resume = False
+    predict(args, loader=loader_with({}, seen))
+    assert seen[2].rows == 10
+
+
+def test_checkpoint_of_another_input_is_ignored(tiny_model_dir, tmp_path):
+    args = args_for(tmp_path, tiny_model_dir, n=4)
+    predict(args)
+    write_test_csv(tmp_path / "t.csv", n=5)  # the input changed under the same output name
+    args.resume = True
+    seen: list[Counting] = []
+    report = predict(args, loader=loader_with({}, seen))
+    assert report.resumed == 0 and seen[0].rows == 5
+
+
+def test_torn_checkpoint_line_is_skipped(tmp_path):
+    cp = Checkpoint(str(tmp_path / "c.jsonl"), "abc")
+    cp.start(keep=False)
+    cp.append([(0, "a", "Make it formal.", "model")])
+    with open(cp.path, "a") as f:
+        f.write('{"row": 1, "id": "b", "pro')
+    assert cp.load(["a", "b"]) == {0: ("Make it formal.", "model")}
+
+
+def test_a_failing_load_leaves_an_all_fallback_submission(tiny_model_dir, tmp_path):
+    args = args_for(tmp_path, tiny_model_dir, n=3)
+
+    def broken(_):
+        raise RuntimeError("CUDA driver exploded")
+
+    report = predict(args, loader=broken)
+    assert report.error and "CUDA driver exploded" in report.error
+    assert assert_valid_submission(args.output, ["0000", "0001", "0002"]) == [FALLBACK] * 3
+    assert report.fallback == 3
+
+
+def test_a_batch_that_raises_costs_only_its_rows(tiny_model_dir, tmp_path):
+    args = args_for(tmp_path, tiny_model_dir, n=6)
+    seen: list[Counting] = []
+    report = predict(args, loader=loader_with({"fail_on_call": 2, "exc": ValueError}, seen))
+    prompts = assert_valid_submission(args.output, [f"{i:04d}" for i in range(6)])
+    assert report.error is None
+    assert sum(r.startswith("error") for r in report.fallback_reasons) == 1
+    assert report.fallback_reasons[next(iter(report.fallback_reasons))] == 2
+    assert sum(p == FALLBACK for p in prompts) >= 2
+
+
+def test_deadline_with_a_fake_clock(tiny_model_dir, tmp_path):
+    ticks = iter(range(0, 10_000, 7))  # every look at the clock costs 7 fake seconds
+
+    def clock():
+        return float(next(ticks))
+
+    args = args_for(tmp_path, tiny_model_dir, n=20, budget=BudgetArgs(time_limit=100, safety_margin=5))
+    report = predict(args, clock=clock)
+    assert_valid_submission(args.output, [f"{i:04d}" for i in range(20)])
+    assert report.fallback_reasons.get("deadline", 0) > 0
+    # The scheduler stops starting batches once the (fake) deadline is near; one batch may overrun.
+    assert report.elapsed_s <= 100 + 7 * 4
+
+
+def test_report_file_has_the_promised_fields(tiny_model_dir, tmp_path):
+    args = args_for(tmp_path, tiny_model_dir, n=5, report=str(tmp_path / "r.json"))
+    predict(args)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    for key in ("rows", "generated", "fallback", "fallback_reasons", "batches", "tokens_per_s", "deadline_used",
+                "peak_rss_mb", "model", "elapsed_s"):
+        assert key in rep
+    assert rep["rows"] == 5 and rep["generated"] + rep["fallback"] + rep["rule_based"] == 5
+
+
+def test_writer_refuses_an_invalid_submission_and_keeps_the_old(tmp_path):
+    out = tmp_path / "s.csv"
+    write_submission(str(out), ["1", "2"], ["a b", "c d"])
+    with pytest.raises(SubmissionError):
+        write_submission(str(out), ["1", "2"], ["a b", "  "])
+    assert_valid_submission(out, ["1", "2"])
+    assert sorted(os.listdir(tmp_path)) == ["s.csv"]  # no temporary file left behind
+
+
+def test_kill_9_at_random_moments_leaves_absent_or_valid_output(tiny_model_dir, tmp_path):
+    ids = write_test_csv(tmp_path / "t.csv", n=120)
+    out = tmp_path / "s.csv"
+    rng = random.Random(0)
+    cmd = [sys.executable, "-m", "prompt_recovery", "predict", str(tmp_path / "t.csv"), "-o", str(out),
+           "--model", tiny_model_dir, "--max-batch-size", "2", "--max-new-tokens", "24", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for attempt in range(4):
+        if out.exists():
+            out.unlink()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Wait for a random moment: before the first write, or somewhere among the batch rewrites.
+        deadline = time.monotonic() + 60
+        target = rng.uniform(0.0, 3.0) if attempt else 0.05
+        start = time.monotonic()
+        while proc.poll() is None and time.monotonic() < deadline:
+            if time.monotonic() - start >= target and (attempt == 0 or out.exists()):
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            assert_valid_submission(out, ids)
+        leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+        for p in leftovers:  # a torn temporary file may remain; it is never the output
+            os.unlink(tmp_path / p)
