@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from .config import PredictArgs, field_docs
+from .config import OptimizeArgs, PredictArgs, ScoreArgs, field_docs
 from .data import InputError
 
 # Short spellings promised by the command-line contract.
@@ -67,6 +67,18 @@ def build(cls: type, ns: argparse.Namespace):
     return cls(**kwargs)
 
 
+def _quiet_libraries() -> None:
+    # Weight-loading bars from transformers would bury the one-line messages this CLI promises.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def run_predict(args: PredictArgs) -> int:
     from .predict import predict
 
@@ -75,9 +87,36 @@ def run_predict(args: PredictArgs) -> int:
     return 1 if report.error else 0
 
 
+def run_score(args: ScoreArgs) -> int:
+    from .score import Embedder, score_files, write_per_row
+
+    result = score_files(args.submission, args.gold, lambda: Embedder(args.embedder))
+    if args.per_row:
+        write_per_row(args.per_row, result)
+    print(f"score {result.mean:.4f} over {len(result.ids)} rows ({result.label})")
+    return 0
+
+
+def run_optimize(args: OptimizeArgs) -> int:
+    from .meanprompt import optimize
+
+    r = optimize(args)
+    what = "suffix" if r["mode"] == "suffix" else "mean prompt"
+    print(f"{what} written to {args.output} ({r['label']})", file=sys.stderr)
+    print(f"  baseline {r['baseline']['text']!r}: {r['baseline']['score']:.4f}", file=sys.stderr)
+    print(f"  best start {r['start']!r}: {r['start_score']:.4f}", file=sys.stderr)
+    print(f"  result {r['best']!r}: {r['score']:.4f}", file=sys.stderr)
+    print(f"  {r['rounds']} rounds, {r['evaluated']} candidates in {r['seconds']:.1f}s "
+          f"({r['candidates_per_s']:.1f}/s)", file=sys.stderr)
+    return 0
+
+
 # name: (argument dataclass, positional fields, entry function, help)
 COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
     "predict": (PredictArgs, ("test_csv",), run_predict, "write a submission for a test CSV"),
+    "score": (ScoreArgs, ("submission", "gold"), run_score, "score a submission against gold prompts"),
+    "optimize-prompt": (OptimizeArgs, ("prompts_csv",), run_optimize,
+                        "search the mean prompt (or, with --predictions, the suffix) that scores best"),
 }
 
 
@@ -90,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not ns.verbose:
+        _quiet_libraries()
     cls, _, entry, _ = COMMANDS[ns.command]
     try:
         args = build(cls, ns)

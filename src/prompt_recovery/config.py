@@ -111,10 +111,12 @@ class OutputArgs:
     """Prompt for rows that get no usable generation (default: the shipped mean prompt)."""
     fallback_prompt_file: str | None = None
     """File holding the fallback prompt (for example from optimize-prompt)."""
-    suffix_file: str | None = None
-    """File whose text is appended to every model prediction (mean-prompt ensembling)."""
+    suffix_file: str | None = "auto"
+    """File appended to every model prediction (mean-prompt ensembling); auto: the shipped one; none: no suffix."""
     max_prompt_words: int = 60
     """Most words kept of a generated prompt (the scorer reads only its first 128 tokens)."""
+    embedder: str | None = None
+    """Scorer's sentence-transformers folder: predictions are trimmed (never the suffix) to what it reads."""
 
     def __post_init__(self) -> None:
         if self.fallback_prompt is not None and self.fallback_prompt_file is not None:
@@ -142,6 +144,57 @@ class PredictArgs:
     generation: GenerationArgs = field(default_factory=GenerationArgs)
     budget: BudgetArgs = field(default_factory=BudgetArgs)
     out: OutputArgs = field(default_factory=OutputArgs)
+
+
+@dataclass
+class ScoreArgs:
+    submission: str
+    """Submission CSV (id, rewrite_prompt)."""
+    gold: str
+    """Gold CSV (id, rewrite_prompt)."""
+    embedder: str | None = None
+    """sentence-transformers folder (sentence-t5-base on Kaggle); default: the packaged MiniLM stand-in."""
+    per_row: str | None = None
+    """Write each row's score beside both prompts to this CSV."""
+
+
+@dataclass
+class OptimizeArgs:
+    prompts_csv: str
+    """CSV of gold prompts to optimise against."""
+    output: str = "mean_prompt.txt"
+    """Where the best string is written."""
+    column: str = "rewrite_prompt"
+    """Column of PROMPTS_CSV holding the gold prompts."""
+    predictions: str | None = None
+    """Predictions CSV (id, rewrite_prompt): search for the suffix appended to them instead."""
+    embedder: str | None = None
+    """sentence-transformers folder; default: the packaged MiniLM stand-in."""
+    seed: int = 0
+    """Random seed: the same seed and inputs give the same result."""
+    time_limit: float = 300.0
+    """Seconds the search may take."""
+    rounds: int = 60
+    """Most rounds of edits."""
+    beam_width: int = 4
+    """Candidates kept after each round."""
+    candidates_per_round: int = 128
+    """Edited candidates scored in each round's batch."""
+    max_words: int = 40
+    """Most words in a candidate."""
+    patience: int = 12
+    """Stop after this many rounds without improvement."""
+    report: str | None = None
+    """Write the search report as JSON here."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "beam_width", "candidates_per_round", "max_words", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive; got {self.time_limit}")
 
 
 @cache

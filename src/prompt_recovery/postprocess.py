@@ -78,6 +78,37 @@ def _usable(text: str, prefix: str) -> bool:
     return letters >= 0.5 * len(text.replace(" ", ""))
 
 
-def with_suffix(prediction: str, suffix: str) -> str:
+
+
+# Words of prediction + suffix kept when the embedder's tokenizer is not at hand: sentence-t5-base reads
+# 128 tokens and English runs about 1.3 of its tokens a word, so 80 words stay inside with room to spare.
+SAFE_TOTAL_WORDS = 80
+
+
+def fit_with_suffix(prediction: str, suffix: str, count=None, limit: int | None = None,
+                    max_words: int = SAFE_TOTAL_WORDS) -> str:
+    """prediction + " " + suffix, the prediction's tail trimmed (never the suffix) to fit the scorer.
+
+    ``count`` maps texts to the embedder's token counts and ``limit`` is its max_seq_length; without them
+    the total is capped at ``max_words`` words.
+    """
     suffix = normalise(suffix)
-    return f"{prediction} {suffix}" if suffix else prediction
+    words = prediction.split()
+
+    def joined(k: int) -> str:
+        return " ".join(words[:k] + ([suffix] if suffix else []))
+
+    if count is None or limit is None:
+        keep = max(1, max_words - len(suffix.split()))
+        return joined(min(len(words), keep))
+    if count([joined(len(words))])[0] <= limit:
+        return joined(len(words))
+    lo, hi = 0, len(words)  # the largest k whose text fits: k=lo always fits or is 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count([joined(mid)])[0] <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    # Keep one word even when the suffix alone fills the window: the model's guess leads the text.
+    return joined(max(lo, 1))

@@ -20,7 +20,7 @@ from importlib.resources import files
 
 from .config import OutputArgs, PredictArgs
 from .data import InputError, read_test
-from .postprocess import UNCHANGED_PROMPT, clean, normalise, unchanged, with_suffix
+from .postprocess import UNCHANGED_PROMPT, clean, fit_with_suffix, normalise, unchanged
 from .scheduler import Outcome, Scheduler
 from .submission import Checkpoint, input_fingerprint, write_submission
 
@@ -97,7 +97,11 @@ def resolve_fallback(out: OutputArgs) -> str:
 
 
 def resolve_suffix(out: OutputArgs) -> str:
-    return _read_text(out.suffix_file, "suffix file") if out.suffix_file else ""
+    if out.suffix_file in (None, "", "none"):
+        return ""
+    if out.suffix_file == "auto":
+        return shipped_text("suffix.txt") if files("prompt_recovery").joinpath("assets", "suffix.txt").is_file() else ""
+    return _read_text(out.suffix_file, "suffix file")
 
 
 def _read_text(path: str, what: str) -> str:
@@ -132,6 +136,15 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     table = read_test(args.test_csv)
     fallback = resolve_fallback(args.out)
     suffix = resolve_suffix(args.out)
+    count = limit = None
+    if args.out.embedder:
+        from .score import embedder_token_counter
+
+        count, limit = embedder_token_counter(args.out.embedder)  # trim to what the scorer reads
+
+    def finish(text: str) -> str:
+        return fit_with_suffix(text, suffix, count, limit)
+
     rows = table.rows
     n = len(rows)
     ids = [r.id for r in rows]
@@ -173,7 +186,7 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
 
     if todo:
         try:
-            _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, suffix, report,
+            _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, finish, report,
                       deadline, clock, loader)
         except InputError:
             raise
@@ -197,7 +210,7 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     return report
 
 
-def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, suffix, report, deadline,
+def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, finish, report, deadline,
               clock, loader) -> None:
     from . import model as model_lib
     from .engine import Engine, newline_token_ids
@@ -242,7 +255,7 @@ def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, suff
             if text is None:
                 reasons[i] = "unusable_generation"  # junk or empty output: the mean prompt scores better
                 continue
-            prompts[i], sources[i] = with_suffix(text, suffix), MODEL
+            prompts[i], sources[i] = finish(text), MODEL
             finished.append((i, ids[i], prompts[i], MODEL))
         write_submission(args.output, ids, prompts)
         checkpoint.append(finished)

@@ -1,0 +1,146 @@
+"""The metric on hand-computed cases, the competition's submission checks, and the mean-prompt search."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from prompt_recovery.cli import main
+from prompt_recovery.config import OptimizeArgs
+from prompt_recovery.meanprompt import MeanObjective, SuffixObjective, optimize, search
+from prompt_recovery.postprocess import fit_with_suffix
+from prompt_recovery.score import score_pairs, sharpened_cosine
+
+
+class StubEmbedder:
+    """Bag of words over a fixed vocabulary: exact, fast, and with a known optimum."""
+
+    label = "stub embedder"
+    max_seq_length = 64
+
+    def __init__(self, vocab):
+        self.index = {w: i for i, w in enumerate(vocab)}
+
+    def embed(self, texts):
+        out = np.zeros((len(texts), len(self.index) + 1), dtype=np.float64)
+        for n, t in enumerate(texts):
+            for w in re.findall(r"[a-z]+", t.lower()):
+                out[n, self.index.get(w, len(self.index))] += 1
+            out[n, -1] += 1e-9
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def token_count(self, texts):
+        return [len(t.split()) + 2 for t in texts]
+
+    def fits(self, texts):
+        return [n <= self.max_seq_length for n in self.token_count(texts)]
+
+
+def test_identical_orthogonal_and_negative_cases_by_hand():
+    a = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    b = np.array([[2.0, 0.0], [0.0, 5.0], [-1.0, 1.0], [4.0, 3.0]])
+    got = sharpened_cosine(a, b)
+    want = [1.0, 0.0, (-1 / np.sqrt(2)) ** 3, (24 / 25) ** 3]
+    assert np.allclose(got, want, atol=1e-6)
+    assert got[2] < 0  # a negative cosine stays negative
+
+
+def test_identical_strings_score_one_with_the_real_embedder():
+    from prompt_recovery.score import Embedder
+
+    e = Embedder()
+    s = score_pairs(e, ["Make this formal.", "Rewrite as a poem."], ["Make this formal.", "Rewrite as a poem."])
+    assert np.allclose(s, 1.0, atol=1e-5)
+    assert e.standin and "stand-in" in e.label
+
+
+def write(path, rows):
+    path.write_text("id,rewrite_prompt\n" + "".join(f"{i},{p}\n" for i, p in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("1", "a b")], "missing 1 id(s): '2'"),
+    ([("1", "a b"), ("2", "c"), ("3", "x")], "not in the gold file: '3'"),
+    ([("1", "a b"), ("2", " ")], "blank prompt(s): ids '2'"),
+    ([("1", "a b"), ("2", "c"), ("2", "d")], "repeats id(s): '2'"),
+])
+def test_submission_checks_name_the_first_bad_ids(tmp_path, capsys, rows, message):
+    gold = write(tmp_path / "gold.csv", [("1", "Make it formal."), ("2", "Make it a poem.")])
+    sub = write(tmp_path / "sub.csv", rows)
+    assert main(["score", sub, gold]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_score_cli_prints_labelled_mean_and_per_row(tmp_path, capsys):
+    gold = write(tmp_path / "gold.csv", [("1", "Make it formal."), ("2", "Make it a poem.")])
+    sub = write(tmp_path / "sub.csv", [("2", "Make it a poem."), ("1", "Make it formal.")])
+    assert main(["score", sub, gold, "--per-row", str(tmp_path / "rows.csv")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("score 1.0000 over 2 rows") and "stand-in" in out
+    assert (tmp_path / "rows.csv").read_text().splitlines()[0] == "id,score,predicted,gold"
+
+
+def test_search_finds_the_known_optimum_and_is_deterministic():
+    gold = ["make it formal"] * 3 + ["make it formal please"]
+    vocab = ["make", "it", "formal", "please", "improve", "the", "text", "to", "this", "poem", "a"]
+    emb = StubEmbedder(vocab)
+    objective = MeanObjective(emb, gold)
+    r1 = search(objective, ["Improve the text to this."], vocab, seed=3, rounds=80, per_round=64, patience=40)
+    r2 = search(objective, ["Improve the text to this."], vocab, seed=3, rounds=80, per_round=64, patience=40)
+    assert r1.best == r2.best and r1.score == r2.score
+    # The optimum of the mean cubed cosine: the words of the common gold prompt, in any order.
+    best_possible = max(float(objective([c])[0]) for c in ["make it formal", "make it formal please"])
+    assert r1.score == pytest.approx(best_possible, abs=1e-9)
+    assert r1.score > r1.start_score
+
+
+def test_candidates_too_long_for_the_embedder_are_never_kept():
+    emb = StubEmbedder(["word"])
+    emb.max_seq_length = 6
+    objective = MeanObjective(emb, ["word word word word word word word word"])
+    r = search(objective, ["word"], ["word"], rounds=30, per_round=16, patience=30)
+    assert len(r.best.split()) + 2 <= 6
+
+
+def test_suffix_search_finds_the_missing_word():
+    vocab = ["make", "it", "formal", "poem", "a", "improve"]
+    emb = StubEmbedder(vocab)
+    objective = SuffixObjective(emb, ["make it", "make it"], ["make it formal", "make it formal"])
+    r = search(objective, [""], vocab, rounds=40, per_round=32, allow_empty=True, patience=40)
+    assert "formal" in r.best.split() and r.score > float(objective([""])[0])
+
+
+def test_optimizer_on_real_minilm_never_returns_below_its_best_start(tmp_path):
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("rewrite_prompt\nMake this formal.\nRewrite this as a poem.\nMake it sound like a pirate.\n"
+                       "Turn this into a news report.\nSimplify this text.\n")
+    args = OptimizeArgs(prompts_csv=str(prompts), output=str(tmp_path / "mp.txt"), rounds=3,
+                        candidates_per_round=24, progress=False, report=str(tmp_path / "r.json"))
+    report = optimize(args)
+    assert report["score"] >= report["start_score"] >= report["baseline"]["score"] - 1e-9
+    best = (tmp_path / "mp.txt").read_text().strip()
+    assert best == report["best"]
+    # The reported score is the metric itself, recomputed independently.
+    from prompt_recovery.score import Embedder
+
+    e = Embedder()
+    gold = ["Make this formal.", "Rewrite this as a poem.", "Make it sound like a pirate.",
+            "Turn this into a news report.", "Simplify this text."]
+    again = float(score_pairs(e, [best] * len(gold), gold).mean())
+    assert again == pytest.approx(report["score"], abs=1e-5)
+    assert json.loads((tmp_path / "r.json").read_text())["label"].startswith("stand-in")
+
+
+def test_fit_with_suffix_trims_the_prediction_never_the_suffix():
+    count = StubEmbedder([]).token_count  # words + 2
+    out = fit_with_suffix("one two three four five six", "keep this suffix", count, limit=8)
+    assert out == "one two three keep this suffix"
+    assert fit_with_suffix("a b", "s", count, limit=100) == "a b s"
+    # Without the embedder's tokenizer: a conservative total word budget.
+    out = fit_with_suffix(" ".join(["w"] * 100), "end here", max_words=10)
+    assert out.split() == ["w"] * 8 + ["end", "here"]
