@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from .config import OptimizeArgs, PredictArgs, ScoreArgs, field_docs
+from .config import OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
 from .data import InputError
 
 # Short spellings promised by the command-line contract.
@@ -111,12 +111,23 @@ def run_optimize(args: OptimizeArgs) -> int:
     return 0
 
 
+def run_train(args: TrainArgs) -> int:
+    from .train import train
+
+    s = train(args).summary
+    print(f"adapter written to {args.output}: {s['method']} on {s['base_model']['name']}, {s['steps']} steps, "
+          f"train loss {s['train_loss']:.4f}, best {s['best_metric']}, {s['seconds']:.0f}s, "
+          f"peak RSS {s['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    return 0
+
+
 # name: (argument dataclass, positional fields, entry function, help)
 COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
     "predict": (PredictArgs, ("test_csv",), run_predict, "write a submission for a test CSV"),
     "score": (ScoreArgs, ("submission", "gold"), run_score, "score a submission against gold prompts"),
     "optimize-prompt": (OptimizeArgs, ("prompts_csv",), run_optimize,
                         "search the mean prompt (or, with --predictions, the suffix) that scores best"),
+    "train": (TrainArgs, ("train_csv",), run_train, "train a soft prompt or LoRA adapter"),
 }
 
 

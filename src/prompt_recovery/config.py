@@ -197,6 +197,83 @@ class OptimizeArgs:
             raise ValueError(f"time_limit must be positive; got {self.time_limit}")
 
 
+Method = Literal["prompt-tuning", "prefix-tuning", "lora"]
+
+
+@dataclass
+class TrainArgs:
+    train_csv: str
+    """Training rows: original_text, rewritten_text, rewrite_prompt."""
+    output: str = "adapter"
+    """Adapter folder to write (predict --adapter loads it as it is)."""
+    method: Method = "prompt-tuning"
+    """prompt-tuning, prefix-tuning or lora (QLoRA with --quantize 4bit on CUDA)."""
+    val: str | None = None
+    """Validation rows (same columns): evaluated every --eval-steps; the best checkpoint is kept."""
+    num_virtual_tokens: int = 20
+    """Soft prompt / prefix length in tokens."""
+    prompt_init: Literal["text", "random"] = "text"
+    """Prompt tuning start: the embeddings of a task sentence, or random."""
+    init_text: str | None = None
+    """Task sentence for --prompt-init text (default: a built-in one)."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    """Comma-separated module names LoRA adapts, or all-linear."""
+    epochs: float = 3.0
+    """Passes over the training rows (reshuffled every epoch)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: use --epochs)."""
+    batch_size: int = 4
+    """Rows per device batch."""
+    grad_accum: int = 1
+    """Batches accumulated per optimizer step."""
+    lr: float | None = None
+    """Learning rate (default: 3e-2 prompt tuning, 1e-2 prefix tuning, 2e-4 LoRA)."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule."""
+    warmup: float = 0.05
+    """Warm-up: a fraction of all steps if below 1, else a number of steps."""
+    eval_steps: int = 0
+    """Evaluate and checkpoint every N steps (0: once an epoch)."""
+    eval_score: bool = False
+    """Also generate prompts for --val and score them with the competition metric; pick the best by it."""
+    embedder: str | None = None
+    """Embedder for --eval-score (default: the packaged MiniLM stand-in)."""
+    logging_steps: int = 5
+    """Log the training loss every N steps."""
+    max_input_tokens: int = 512
+    """Recovery prompt length in tokens, texts truncated to fit (as in predict)."""
+    template: str | None = None
+    """Recovery template JSON (default: the built-in one); saved with the adapter."""
+    answer_prefix: str = ""
+    """Answer prefix baked into the adapter's template (empty: the model writes the whole prompt)."""
+    seed: int = 42
+    """Seed for initialisation and for the per-epoch shuffles."""
+    resume: bool = False
+    """Continue from the last checkpoint in OUTPUT/checkpoints."""
+    keep_checkpoints: bool = False
+    """Keep OUTPUT/checkpoints after training."""
+    progress: bool = True
+    """Show progress bars."""
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(adapter="none"))
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, ("prompt-tuning", "prefix-tuning", "lora"))
+        _choice("prompt_init", self.prompt_init, ("text", "random"))
+        for name in ("num_virtual_tokens", "lora_r", "batch_size", "grad_accum", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("give --epochs > 0 or --max-steps > 0")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be positive; got {self.lr}")
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line docstring under each dataclass field, read from the source."""

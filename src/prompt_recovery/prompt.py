@@ -94,6 +94,8 @@ class PromptBuilder:
         mid, tail = rest.split(_REWR)
         self.head, self.mid, self.tail = (self._encode(s) for s in (head, mid, tail))
         self.fixed = len(self.head) + len(self.mid) + len(self.tail)
+        # The answer follows a space unless the prompt already ends in white space (chat turns, "\n").
+        self.answer_sep = "" if not tail or tail[-1].isspace() else " "
         if self.fixed + 16 > max_input_tokens:
             raise ValueError(
                 f"max_input_tokens={max_input_tokens} leaves no room for the texts "
@@ -113,5 +115,6 @@ class PromptBuilder:
         keep_b = min(len(b), room - keep_a)
         return self.head + a[:keep_a] + self.mid + b[:keep_b] + self.tail
 
-    def build_many(self, pairs) -> list[list[int]]:
-        return [self.build(o, r) for o, r in pairs]
+    def target(self, prompt: str) -> list[int]:
+        """Token ids of a gold prompt as the answer to ``build`` (training labels), without EOS."""
+        return self._encode(self.answer_sep + prompt.strip())

@@ -1,0 +1,320 @@
+"""train: soft prompts (prompt tuning, prefix tuning) and LoRA / QLoRA adapters for prompt recovery.
+
+Rows of (original_text, rewritten_text, rewrite_prompt) become the same recovery prompt predict builds
+(same template, same token truncation) followed by the gold prompt and EOS; the loss is on the gold
+prompt's tokens only. transformers' Trainer runs the loop: its sampler reshuffles the rows every epoch
+from the seed, evaluation on --val every N steps keeps the best checkpoint, and --resume continues from
+the last checkpoint. The output folder is what predict loads as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainArgs
+from .data import InputError, read_table
+from .model import ensure_pad_token, identity, resolve, write_identity
+from .prompt import PromptBuilder, Template
+
+log = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ("original_text", "rewritten_text", "rewrite_prompt")
+TASK_SENTENCE = "Recover the instruction that turned the original text into the rewritten text:"
+# LoRA learning rates of 1e-4..3e-4 are standard; soft prompts have few weights and need far larger steps.
+DEFAULT_LR = {"lora": 2e-4, "prompt-tuning": 3e-2, "prefix-tuning": 1e-2}
+
+
+def read_train(path: str) -> list[tuple[str, str, str]]:
+    """Training rows; a clear InputError for anything that cannot train."""
+    table, n, warnings, _ = read_table(path, required=TRAIN_COLUMNS, optional=())
+    for w in warnings:
+        log.warning(w)
+    rows = list(zip(*(table[c] for c in TRAIN_COLUMNS)))
+    empty = [table["id"][k] if "id" in table else str(k) for k, r in enumerate(rows) if not all(x.strip() for x in r)]
+    if empty:
+        raise InputError(f"{path}: {len(empty)} row(s) have an empty text or prompt (first ids: {empty[:5]})")
+    if len(rows) < 2:
+        raise InputError(f"{path}: {len(rows)} row(s); training needs at least 2")
+    return rows
+
+
+class RecoveryDataset(torch.utils.data.Dataset):
+    """Token ids and labels (-100 on the prompt) for each row; ``row`` kept to observe the order."""
+
+    def __init__(self, rows, builder: PromptBuilder, eos_id: int, max_target_tokens: int = 64) -> None:
+        self.items = []
+        for k, (orig, rewr, gold) in enumerate(rows):
+            prompt = builder.build(orig, rewr)
+            target = builder.target(gold)[:max_target_tokens] + [eos_id]
+            self.items.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target, "row": k})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.items[k]
+
+
+class Collator:
+    """Right-pads a batch; labels are -100 on padding. Records the rows it saw, in order."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self.seen: list[int] = []
+
+    def __call__(self, batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for n, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[n, :k] = torch.tensor(b["input_ids"])
+            labels[n, :k] = torch.tensor(b["labels"])
+            mask[n, :k] = 1
+            self.seen.append(b["row"])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def peft_config(args: TrainArgs, model_folder: str, tokenizer):
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    if args.method == "lora":
+        targets = args.target_modules
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha,
+                          lora_dropout=args.lora_dropout,
+                          target_modules=targets if targets == "all-linear" else targets.split(","))
+    if args.method == "prefix-tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens)
+    if args.prompt_init == "text":
+        init_text = args.init_text or TASK_SENTENCE
+        n_text = len(tokenizer(init_text, add_special_tokens=False)["input_ids"])
+        if n_text > args.num_virtual_tokens:
+            log.warning("init text has %d tokens; peft repeats or cuts it to %d", n_text, args.num_virtual_tokens)
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=init_text,
+                                  tokenizer_name_or_path=model_folder)
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens,
+                              prompt_tuning_init=PromptTuningInit.RANDOM)
+
+
+def _load_for_training(args: TrainArgs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    folder, name = resolve(args.model)
+    cuda = torch.cuda.is_available() and args.model.device != "cpu"
+    if args.model.quantize != "none" and not cuda:
+        raise InputError("QLoRA (--quantize 4bit/8bit) trains only where CUDA is present")
+    # float32 where bfloat16 is missing: float16 training of these models overflows without a scaler.
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    kwargs: dict = {"dtype": dtype, "local_files_only": True}
+    if args.model.quantize != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=args.model.quantize == "4bit", load_in_8bit=args.model.quantize == "8bit",
+            bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if args.model.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    elif cuda:
+        model = model.to("cuda")
+    ensure_pad_token(tokenizer, model)
+    return model, tokenizer, folder, identity(model.config, name)
+
+
+def _split_val(rows, args: TrainArgs):
+    if args.val:
+        return rows, read_train(args.val)
+    return rows, []
+
+
+@dataclass
+class TrainResult:
+    summary: dict
+    """What train_log.json holds: losses, steps, time, peak memory."""
+    model: object
+    """The trained PeftModel, in memory."""
+    order: list[int]
+    """Training rows in the order the batches saw them (across epochs)."""
+
+
+def train(args: TrainArgs) -> TrainResult:
+    """Train an adapter into ``args.output``; returns the summary and the trained model."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    rows, val_rows = _split_val(read_train(args.train_csv), args)
+    set_seed(args.seed)
+    model, tokenizer, folder, base = _load_for_training(args)
+    template = (Template.load(args.template) if args.template else Template()).with_prefix(args.answer_prefix)
+    builder = PromptBuilder(tokenizer, template, args.max_input_tokens)
+    train_ds = RecoveryDataset(rows, builder, tokenizer.eos_token_id)
+    val_ds = RecoveryDataset(val_rows, builder, tokenizer.eos_token_id) if val_rows else None
+
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, peft_config(args, folder, tokenizer))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    steps_per_epoch = math.ceil(len(train_ds) / (args.batch_size * args.grad_accum))
+    eval_steps = args.eval_steps or max(1, steps_per_epoch)
+    has_val = val_ds is not None
+    targs = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps if args.max_steps > 0 else -1,
+        learning_rate=args.lr or DEFAULT_LR[args.method],
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup,
+        weight_decay=0.0,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=eval_steps if has_val else None,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model=("eval_score" if args.eval_score else "eval_loss") if has_val else None,
+        greater_is_better=bool(args.eval_score) if has_val else None,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not args.progress,
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+    collator = Collator(tokenizer.pad_token_id)
+
+    class ScoreTrainer(Trainer):
+        def evaluate(self, *a, **kw):
+            metrics = super().evaluate(*a, **kw)
+            if args.eval_score and val_rows:
+                metrics["eval_score"] = _val_score(self.model, tokenizer, builder, val_rows, args)
+                self.log({"eval_score": metrics["eval_score"]})
+            return metrics
+
+    class Losses(TrainerCallback):
+        def on_log(self, _args, state, control, logs=None, **kw):
+            if logs and args.progress:
+                log.info("step %d: %s", state.global_step, logs)
+
+    trainer = ScoreTrainer(model=peft_model, args=targs, train_dataset=train_ds, eval_dataset=val_ds,
+                           data_collator=collator, callbacks=[Losses()])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    resume = args.resume and ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+
+    # Saved as inference adapters: a text init needs no tokenizer path on the machine that loads it.
+    cfg = peft_model.peft_config["default"]
+    if getattr(cfg, "prompt_tuning_init", None) is not None and str(cfg.prompt_tuning_init).endswith("TEXT"):
+        cfg.prompt_tuning_init = "RANDOM"
+        cfg.tokenizer_name_or_path = None
+    peft_model.save_pretrained(str(out))
+    template.save(str(out))
+    write_identity(str(out), base)
+    history = trainer.state.log_history
+    summary = {
+        "method": args.method,
+        "base_model": base,
+        "rows": len(train_ds),
+        "val_rows": len(val_rows),
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "best_metric": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "seconds": time.monotonic() - start,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "log_history": history,
+    }
+    (out / "train_args.json").write_text(json.dumps(_jsonable(asdict(args)), indent=2))
+    (out / "train_log.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    _plot(history, out / "loss.png")
+    if not args.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the best weights are saved above; checkpoints are bulk
+    peft_model.eval()
+    return TrainResult(summary=summary, model=peft_model, order=list(collator.seen))
+
+
+def _val_score(model, tokenizer, builder, val_rows, args) -> float:
+    """Competition score of greedy predictions on the validation rows (stand-in embedder by default)."""
+    from .engine import Engine, newline_token_ids
+    from .postprocess import clean
+    from .score import Embedder, score_pairs
+
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    engine = Engine(model, tokenizer.pad_token_id, [tokenizer.eos_token_id], max_new_tokens=32,
+                    stop_ids=newline_token_ids(tokenizer))
+    preds = []
+    for k in range(0, len(val_rows), args.batch_size):
+        chunk = val_rows[k:k + args.batch_size]
+        outs = engine.generate([builder.build(o, r) for o, r, _ in chunk])
+        for out in outs:
+            text = clean(tokenizer.decode(out, skip_special_tokens=True), builder.template.answer_prefix)
+            preds.append(text or "Improve the text to this.")  # the scorer rejects blanks; so would Kaggle
+    if was_training:
+        model.train()
+    embedder = _embedder_cache.setdefault(args.embedder or "", Embedder(args.embedder))
+    return float(score_pairs(embedder, preds, [g for _, _, g in val_rows]).mean())
+
+
+_embedder_cache: dict = {}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on Kaggle or CI
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if train or val:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

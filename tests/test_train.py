@@ -1,0 +1,134 @@
+"""train on a tiny in-process model: each method, the saved folder in predict, shuffling, bad data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from conftest import assert_valid_submission, write_test_csv
+
+from prompt_recovery import model as model_lib
+from prompt_recovery.cli import main
+from prompt_recovery.config import ModelArgs, TrainArgs
+from prompt_recovery.data import InputError
+from prompt_recovery.prompt import PromptBuilder, Template
+from prompt_recovery.train import train
+
+PROMPTS = ["Make this formal.", "Turn this into a poem.", "Write it as a pirate.", "Summarise the text.",
+           "Make it sound casual.", "Rewrite it for a child.", "Shorten this.", "Make it dramatic."]
+
+
+def write_train(path, n=8, drop=None, blank_prompt=False):
+    cols = ["id", "original_text", "rewritten_text", "rewrite_prompt"]
+    if drop:
+        cols.remove(drop)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for k in range(n):
+            row = {"id": f"r{k}", "original_text": f"The quick brown fox number {k}.",
+                   "rewritten_text": f"Hello world, fox {k}!", "rewrite_prompt": "" if blank_prompt and k == 1
+                   else PROMPTS[k % len(PROMPTS)]}
+            w.writerow([row[c] for c in cols])
+    return str(path)
+
+
+def args_for(tmp_path, model_dir, method="prompt-tuning", **kw):
+    base = dict(train_csv=write_train(tmp_path / "train.csv"), output=str(tmp_path / "adapter"), method=method,
+                max_steps=2, batch_size=2, num_virtual_tokens=4, lora_r=4, progress=False,
+                model=ModelArgs(model=model_dir, adapter="none"))
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def last_logits(model, ids):
+    with torch.no_grad():
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        return model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -1]
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "lora"])
+def test_each_method_trains_and_predict_loads_the_same_model(method, tiny_model_dir, tmp_path, capsys):
+    args = args_for(tmp_path, tiny_model_dir, method, val=write_train(tmp_path / "val.csv", n=4))
+    result = train(args)
+    s = result.summary
+    assert s["steps"] == 2 and math.isfinite(s["train_loss"])
+    out = tmp_path / "adapter"
+    for name in ("adapter_config.json", "recovery_template.json", "base_model.json", "train_args.json",
+                 "train_log.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()
+    assert json.loads((out / "train_log.json").read_text())["log_history"]
+
+    loaded = model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(out), merge_lora=False))
+    ids = PromptBuilder(loaded.tokenizer, Template.load(str(out)), 256).build("Some text.", "Other text!")
+    assert torch.allclose(last_logits(loaded.model, ids), last_logits(result.model, ids), atol=1e-5)
+
+    ids_csv = write_test_csv(tmp_path / "t.csv", n=3)
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(tmp_path / "s.csv"), "--model", tiny_model_dir,
+                 "--adapter", str(out), "--no-progress", "--max-new-tokens", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert_valid_submission(tmp_path / "s.csv", ids_csv)
+
+
+def test_loss_is_on_the_prompt_tokens_only(tiny_model_dir):
+    from conftest import make_tokenizer
+
+    from prompt_recovery.train import RecoveryDataset
+
+    tok = make_tokenizer()
+    builder = PromptBuilder(tok, Template(answer_prefix=""), 256)
+    ds = RecoveryDataset([("Original words.", "Rewritten words.", "Make it formal.")], builder, tok.eos_token_id)
+    item = ds[0]
+    labelled = [t for t, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
+    assert tok.decode(labelled) == " Make it formal.<eos>"
+    assert len(item["labels"]) == len(item["input_ids"])
+
+
+def test_epochs_are_reshuffled_and_the_seed_repeats_them(tiny_model_dir, tmp_path):
+    def order(seed, sub):
+        (tmp_path / sub).mkdir()
+        return train(args_for(tmp_path / sub, tiny_model_dir, max_steps=0, epochs=2, seed=seed)).order
+
+    a, b, c = order(1, "a"), order(1, "b"), order(2, "c")
+    assert len(a) == 16 and sorted(a[:8]) == sorted(a[8:]) == list(range(8))
+    assert a[:8] != a[8:]  # the second epoch sees the rows in another order
+    assert a == b  # the same seed gives the same orders
+    assert a != c
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no 'rewrite_prompt' column"),
+    ("blank", "empty text or prompt"),
+    ("one", "at least 2"),
+])
+def test_bad_training_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys, kind, message):
+    if kind == "missing":
+        path = write_train(tmp_path / "t.csv", drop="rewrite_prompt")
+    elif kind == "blank":
+        path = write_train(tmp_path / "t.csv", blank_prompt=True)
+    else:
+        path = write_train(tmp_path / "t.csv", n=1)
+    with pytest.raises(InputError, match=message):
+        train(args_for(tmp_path, tiny_model_dir, train_csv=path))
+    code = main(["train", path, "-o", str(tmp_path / "ad"), "--model", tiny_model_dir, "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_qlora_without_cuda_is_refused(tiny_model_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: QLoRA is allowed")
+    with pytest.raises(InputError, match="CUDA"):
+        train(args_for(tmp_path, tiny_model_dir, "lora", model=ModelArgs(model=tiny_model_dir, quantize="4bit")))
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+    first = train(args_for(tmp_path, tiny_model_dir, max_steps=2, keep_checkpoints=True))
+    assert first.summary["steps"] == 2
+    again = train(args_for(tmp_path, tiny_model_dir, max_steps=4, resume=True))
+    # Only the two missing steps ran: the batches seen are those of steps 3 and 4.
+    assert again.summary["steps"] == 4 and len(again.order) == 4
