@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from .config import OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
+from .config import BundleArgs, OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
 from .data import InputError
 
 # Short spellings promised by the command-line contract.
@@ -49,6 +49,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
         names = [SHORT[f.name], flag] if f.name in SHORT else [flag]
         base, choices = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
+        if typing.get_origin(base) is list:
+            parser.add_argument(*names, dest=f.name, action="append", default=None, help=help_text)
+            continue
         if base is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -63,7 +66,10 @@ def build(cls: type, ns: argparse.Namespace):
     kwargs = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        kwargs[f.name] = build(tp, ns) if dataclasses.is_dataclass(tp) else getattr(ns, f.name)
+        value = build(tp, ns) if dataclasses.is_dataclass(tp) else getattr(ns, f.name)
+        if value is None and f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()  # an append option given no times
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -121,6 +127,16 @@ def run_train(args: TrainArgs) -> int:
     return 0
 
 
+def run_bundle(args: BundleArgs) -> int:
+    from .bundle import bundle
+
+    m = bundle(args)
+    size = sum(f["bytes"] for f in m["files"]) / 2**20
+    print(f"bundle written to {args.output}: {len(m['files'])} files, {size:.1f} MiB, "
+          f"{len(m['pinned'])} pinned dependency wheels, adapters {m['adapters'] or 'none'}", file=sys.stderr)
+    return 0
+
+
 # name: (argument dataclass, positional fields, entry function, help)
 COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
     "predict": (PredictArgs, ("test_csv",), run_predict, "write a submission for a test CSV"),
@@ -128,6 +144,7 @@ COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
     "optimize-prompt": (OptimizeArgs, ("prompts_csv",), run_optimize,
                         "search the mean prompt (or, with --predictions, the suffix) that scores best"),
     "train": (TrainArgs, ("train_csv",), run_train, "train a soft prompt or LoRA adapter"),
+    "bundle": (BundleArgs, (), run_bundle, "build the offline folder a Kaggle notebook installs from"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import inspect
 import itertools
+import re
 import textwrap
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -272,6 +273,33 @@ class TrainArgs:
             raise ValueError("give --epochs > 0 or --max-steps > 0")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
+
+
+@dataclass
+class BundleArgs:
+    output: str = "bundle"
+    """Folder to create: upload it as a Kaggle dataset."""
+    adapter: list[str] = field(default_factory=list)
+    """Adapter folder to include (repeat for several)."""
+    model: str | None = None
+    """Model folder to copy in (optional: Kaggle models are usually attached as their own input)."""
+    mean_prompt: str | None = None
+    """Fallback prompt file (default: the shipped mean prompt)."""
+    suffix: str | None = None
+    """Suffix file (default: the shipped suffix)."""
+    deps: Literal["default", "none"] = "default"
+    """default: pinned wheels of the dependencies a Kaggle image may lack; none: only this package."""
+    extra_packages: list[str] = field(default_factory=list)
+    """Further installed packages to pin and include with their dependencies (repeatable)."""
+    python_version: str = "3.11"
+    """Python version of the Kaggle image the wheels are for."""
+    overwrite: bool = False
+    """Replace OUTPUT if it exists."""
+
+    def __post_init__(self) -> None:
+        _choice("deps", self.deps, ("default", "none"))
+        if not re.fullmatch(r"3\.\d+", self.python_version):
+            raise ValueError(f"python_version must look like 3.11; got {self.python_version!r}")
 
 
 @cache

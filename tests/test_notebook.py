@@ -1,0 +1,75 @@
+"""The Kaggle notebook, executed top to bottom by a real kernel, offline, in a folder laid out like /kaggle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import assert_valid_submission, write_test_csv
+
+from prompt_recovery.bundle import bundle
+from prompt_recovery.config import BundleArgs
+from prompt_recovery.notebook import render
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "kaggle_notebook" / "submission.ipynb"
+
+
+def test_notebook_is_generated_from_its_py_twin():
+    assert NOTEBOOK.read_text(encoding="utf-8") == render(NOTEBOOK.with_suffix(".py")), (
+        "kaggle_notebook/submission.ipynb is stale: run python -m prompt_recovery.notebook"
+    )
+
+
+def kaggle_layout(tmp_path, model_dir, adapter=None):
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "working").mkdir(parents=True)
+    (kaggle / "input" / "llm-prompt-recovery").mkdir(parents=True)
+    ids = write_test_csv(kaggle / "input" / "llm-prompt-recovery" / "test.csv", n=6)
+    bundle(BundleArgs(output=str(kaggle / "input" / "prompt-recovery-bundle"), deps="none", model=model_dir,
+                      adapter=[adapter] if adapter else []))
+    return kaggle, ids
+
+
+def execute(kaggle, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("PROMPT_RECOVERY_KAGGLE_ROOT", str(kaggle))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    # pip is barred from every index: the bundle is the only source.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.reads(NOTEBOOK.read_text(encoding="utf-8"), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_notebook_runs_offline_from_a_bundle_and_leaves_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
+    from test_model import make_adapter
+
+    adapter = tmp_path / "tiny-lora"
+    make_adapter(tiny_model_dir, "lora", adapter)
+    kaggle, ids = kaggle_layout(tmp_path, tiny_model_dir, str(adapter))
+    out = execute(kaggle, tmp_path, monkeypatch)
+    assert_valid_submission(kaggle / "working" / "submission.csv", ids)
+    assert f"from {tmp_path / 'prompt_recovery_site'}" in out  # the bundled wheel, not the dev checkout
+    assert "mode: single" in out and "submission OK: 6 rows" in out
+    report = json.loads((kaggle / "working" / "report.json").read_text())
+    assert report["model"]["adapter"].endswith("tiny-lora") and report["rows"] == 6
+
+
+@pytest.mark.slow
+def test_a_broken_bundle_still_leaves_the_fallback_submission(tiny_model_dir, tmp_path, monkeypatch):
+    kaggle, ids = kaggle_layout(tmp_path, tiny_model_dir)
+    for whl in (kaggle / "input" / "prompt-recovery-bundle" / "wheels").glob("*.whl"):
+        whl.write_bytes(b"not a wheel")
+    out = execute(kaggle, tmp_path, monkeypatch)
+    prompts = assert_valid_submission(kaggle / "working" / "submission.csv", ids)
+    assert "install failed" in out and "submission OK: 6 rows" in out
+    assert len(set(prompts)) == 1
