@@ -39,7 +39,8 @@ def test_sharded_prediction_equals_one_process_in_input_order(tiny_model_dir, tm
     summary = predict_sharded(sharded, [None, None], fallback="Improve the text to this.")
     assert summary["exit_codes"] == [0, 0] and summary["merged"] == len(ids)
     # Greedy decoding is deterministic: two half-size replicas give the rows one process gives.
-    assert assert_valid_submission(tmp_path / "sharded.csv", ids) == assert_valid_submission(tmp_path / "single.csv", ids)
+    sharded_prompts = assert_valid_submission(tmp_path / "sharded.csv", ids)
+    assert sharded_prompts == assert_valid_submission(tmp_path / "single.csv", ids)
 
 
 def test_a_dead_shard_leaves_its_rows_on_the_fallback(tiny_model_dir, tmp_path):

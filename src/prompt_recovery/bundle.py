@@ -153,8 +153,8 @@ def bundle(args: BundleArgs) -> dict:
             if not (Path(args.model) / "config.json").is_file():
                 raise InputError(f"model folder {args.model} has no config.json")
             shutil.copytree(args.model, tmp / "model")
-        (tmp / "mean_prompt.txt").write_text(
-            (Path(args.mean_prompt).read_text() if args.mean_prompt else shipped_text("mean_prompt.txt")).strip() + "\n")
+        mean = Path(args.mean_prompt).read_text() if args.mean_prompt else shipped_text("mean_prompt.txt")
+        (tmp / "mean_prompt.txt").write_text(mean.strip() + "\n")
         suffix = Path(args.suffix).read_text() if args.suffix else _shipped_suffix()
         (tmp / "suffix.txt").write_text(suffix.strip() + "\n")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
