@@ -35,8 +35,8 @@ DEFAULT_PACKAGES = (
 NEVER_BUNDLED = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|numpy|pandas|scipy|"
                            r"scikit-learn|pillow|setuptools|pip|wheel|jinja2|markupsafe|sympy|mpmath|networkx|"
                            r"fsspec|filelock|typing-extensions)$")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64", "any")
+# Kaggle's images run Ubuntu 22.04 (glibc 2.35): any manylinux tag up to 2_35 installs there.
+PLATFORMS = tuple(f"manylinux_2_{n}_x86_64" for n in range(35, 16, -1)) + ("manylinux2014_x86_64", "manylinux1_x86_64")
 
 
 def _canon(name: str) -> str:
@@ -93,7 +93,7 @@ def build_own_wheel(dest: Path) -> Path:
 
 def download_wheels(pins: dict[str, str], dest: Path, python_version: str) -> None:
     """pip download each pinned wheel (no deps: the closure is already explicit); fail on the first miss."""
-    plat = [x for p in PLATFORMS if p != "any" for x in ("--platform", p)]
+    plat = [x for p in PLATFORMS for x in ("--platform", p)]
     for name, version in sorted(pins.items()):
         proc = _pip(["download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
                      "--implementation", "cp", *plat, "-q", "-d", str(dest), f"{name}=={version}"])
