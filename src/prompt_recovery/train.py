@@ -231,6 +231,7 @@ def train(args: TrainArgs) -> TrainResult:
     if getattr(cfg, "prompt_tuning_init", None) is not None and str(cfg.prompt_tuning_init).endswith("TEXT"):
         cfg.prompt_tuning_init = "RANDOM"
         cfg.tokenizer_name_or_path = None
+    cfg.base_model_name_or_path = base["name"]  # a machine-local cache path means nothing elsewhere
     peft_model.save_pretrained(str(out))
     template.save(str(out))
     write_identity(str(out), base)
