@@ -2,8 +2,9 @@
 
     python benchmarks/eval_variants.py            # data_samples/test.csv + test_gold.csv, stand-in embedder
 
-Variants: the fallback mean prompt alone; the base model without adapter (its default answer prefix); the
-shipped soft prompt without suffix; the shipped soft prompt plus the shipped suffix. Every figure is made
+Variants: the fallback mean prompt alone; the base model without adapter (its default answer prefix), with
+and without the shipped suffix; the shipped soft prompt without suffix, with the shipped suffix, and with the
+mean prompt appended as the suffix. Every figure is made
 with the embedder named in the table's title (the packaged MiniLM stand-in unless --embedder is given).
 """
 
@@ -39,11 +40,14 @@ def main(argv=None) -> int:
         fallback = os.path.join(tmp, "fallback.csv")
         write_submission(fallback, ids, [resolve_fallback(OutputArgs())] * len(ids))
         rows.append(("fallback mean prompt alone", score_files(fallback, opts.gold, embedder).mean, "-"))
+        mean_suffix = os.path.join(tmp, "mean_as_suffix.txt")
+        Path(mean_suffix).write_text(resolve_fallback(OutputArgs()))
         variants = [
             ("base model, no adapter, no suffix", "none", "none"),
-            ("base model, no adapter + suffix", "none", "auto"),
+            ("base model, no adapter + shipped suffix", "none", "auto"),
             ("shipped soft prompt, no suffix", "auto", "none"),
-            ("shipped soft prompt + suffix", "auto", "auto"),
+            ("shipped soft prompt + shipped suffix", "auto", "auto"),
+            ("shipped soft prompt + mean prompt as suffix", "auto", mean_suffix),
         ]
         for name, adapter, suffix in variants:
             out = os.path.join(tmp, f"{len(rows)}.csv")
