@@ -181,3 +181,21 @@ def test_kill_9_at_random_moments_leaves_absent_or_valid_output(tiny_model_dir, 
         leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
         for p in leftovers:  # a torn temporary file may remain; it is never the output
             os.unlink(tmp_path / p)
+
+
+def test_a_load_slower_than_the_budget_is_abandoned_and_the_deadline_holds(tiny_model_dir, tmp_path):
+    import threading
+
+    release = threading.Event()
+
+    def stuck(_):
+        release.wait(30)  # a load that outlives the whole budget (slow disk, slow dequantization)
+        raise RuntimeError("never reached in time")
+
+    args = args_for(tmp_path, tiny_model_dir, n=3, budget=BudgetArgs(time_limit=0.5, safety_margin=0))
+    start = time.monotonic()
+    report = predict(args, loader=stuck)
+    release.set()
+    assert time.monotonic() - start < 5
+    assert report.fallback_reasons == {"deadline": 3} and report.error is None
+    assert_valid_submission(args.output, ["0000", "0001", "0002"])

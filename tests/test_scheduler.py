@@ -120,7 +120,7 @@ def test_out_of_memory_halves_down_and_all_rows_finish():
     clock = FakeClock()
     engine = FakeEngine(clock, oom_above=3)
     prompts = {i: [i] * 20 for i in range(48)}
-    s = scheduler(engine, clock, deadline=1e9, max_batch_size=16)
+    s = scheduler(engine, clock, deadline=1e9, max_batch_size=16, calibration_rows=16)
     out = s.run(prompts)
     assert all(o.tokens == [i] * 8 for i, o in out.items())
     assert s.stats.oom_splits >= 2
@@ -167,3 +167,10 @@ def test_batch_time_bound_is_its_rows_share():
 
     scheduler(engine, clock, deadline=1e9, budget_per_row=2.0, max_batch_size=3).run({i: [i] for i in range(6)})
     assert bounds == [6.0, 6.0]
+
+
+def test_first_batch_is_a_small_calibration_batch():
+    clock = FakeClock()
+    engine = FakeEngine(clock)
+    scheduler(engine, clock, deadline=1e9, calibration_rows=2).run({i: [i] * 10 for i in range(20)})
+    assert engine.batches[0] == 2 and max(engine.batches[1:]) > 2

@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -210,6 +211,30 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     return report
 
 
+def _load_before(load, model_args, seconds: float):
+    """Load the model in a thread; None if it is not done within ``seconds``.
+
+    A load cannot be interrupted, but it can be abandoned: the daemon thread dies with the process, and the
+    deadline holds even when the disk or the dequantization is slower than the budget.
+    """
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = load(model_args)
+        except BaseException as exc:  # handed to the caller's thread, which decides
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="model-load", daemon=True)
+    thread.start()
+    thread.join(max(seconds, 0.0))
+    if thread.is_alive():
+        return None
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, finish, report, deadline,
               clock, loader) -> None:
     from . import model as model_lib
@@ -221,8 +246,13 @@ def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, fini
         for i in todo:
             reasons[i] = "deadline"
         return
-    loaded = (loader or model_lib.load)(args.model)
+    loaded = _load_before(loader or model_lib.load, args.model, deadline - t)
     report.load_s = clock() - t
+    if loaded is None:
+        log.warning("the model did not load before the deadline; every row keeps the fallback prompt")
+        for i in todo:
+            reasons[i] = "deadline"
+        return
     report.model = {**loaded.identity, **loaded.info}
     tok = loaded.tokenizer
 

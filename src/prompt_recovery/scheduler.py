@@ -67,6 +67,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         on_batch: Callable[[dict[int, Outcome]], None] | None = None,
         progress: bool = False,
+        calibration_rows: int = 4,
     ) -> None:
         self.generate = generate
         self.deadline = deadline
@@ -77,6 +78,7 @@ class Scheduler:
         self.clock = clock
         self.on_batch = on_batch
         self.progress = progress
+        self.calibration_rows = max(1, calibration_rows)
         self.rate: float | None = None  # seconds per token slot (row x position), measured
         self.stats = SchedulerStats()
 
@@ -95,7 +97,9 @@ class Scheduler:
 
     def _fit_to_time(self, batch: list[int], prompts: Mapping[int, Sequence[int]], left: float) -> list[int]:
         if self.rate is None:
-            return batch  # nothing measured yet: the batch's own time bound keeps it inside the deadline
+            # Nothing measured yet: a small first batch measures the rate, so an uninterruptible prefill
+            # of a full batch can never be what overruns a tight deadline.
+            return batch[: self.calibration_rows]
         padded = max(len(prompts[i]) for i in batch)
         per_row = self.rate * (padded + self.max_new_tokens)
         fit = int(left // per_row) if per_row > 0 else len(batch)
