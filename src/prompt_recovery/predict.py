@@ -130,8 +130,9 @@ def _peak_memory(report: Report) -> None:
 def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, loader=None) -> Report:
     """Write ``args.output`` for ``args.test_csv``; returns the run report.
 
-    Raises InputError (before writing anything) only for input that cannot be read at all. Any later
-    failure leaves a complete submission of fallbacks and is recorded in ``report.error``.
+    Raises InputError before writing anything for a test file that cannot be read at all, and after the
+    all-fallback file is written for a model or adapter that is missing or does not fit. Any other failure
+    leaves a complete submission (fallbacks where nothing was generated) and is recorded in ``report.error``.
     """
     start = clock()
     table = read_test(args.test_csv)
