@@ -9,6 +9,7 @@ silently by the scorer. The best start is always among the beams, so the result 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -20,6 +21,7 @@ from importlib.resources import files
 import numpy as np
 from tqdm.auto import tqdm
 
+from .data import InputError
 from .postprocess import SAFE_TOTAL_WORDS, fit_with_suffix, normalise
 
 BASELINE = "Improve the text to this."
@@ -179,16 +181,12 @@ def search(
 
 def optimize(args, embedder=None) -> dict:
     """The optimize-prompt entry: search, write ``args.output``, return a report."""
-    import json
-
     from .score import Embedder, read_prompts, score_pairs
 
     embedder = embedder or Embedder(args.embedder)
     ids, gold = read_prompts(args.prompts_csv, args.column)
     gold = [g for g in gold if g.strip()]
     if not gold:
-        from .data import InputError
-
         raise InputError(f"{args.prompts_csv} has no non-empty '{args.column}' values to optimise against")
     vocab = build_vocabulary(gold)
     common = dict(seed=args.seed, rounds=args.rounds, beam_width=args.beam_width,
@@ -207,8 +205,6 @@ def optimize(args, embedder=None) -> dict:
         by_id = dict(zip(pred_ids, preds))
         pairs = [(by_id[i], g) for i, g in zip(ids, gold) if i in by_id and by_id[i].strip()]
         if not pairs:
-            from .data import InputError
-
             raise InputError(f"no ids of {args.predictions} match {args.prompts_csv}")
         objective = SuffixObjective(embedder, [p for p, _ in pairs], [g for _, g in pairs])
         starts = ["", BASELINE, PUBLIC_MEAN_PROMPT]

@@ -9,6 +9,7 @@ disk the packaged all-MiniLM-L6-v2 stands in, and every score it makes is labell
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -157,8 +158,6 @@ def write_per_row(path: str, result: ScoreResult) -> None:
 
 def embedder_token_counter(path: str):
     """(count, max_seq_length) of an embedder folder, from its tokenizer alone (no model load)."""
-    import json
-
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
