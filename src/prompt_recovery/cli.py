@@ -19,6 +19,8 @@ from .data import InputError
 
 # Short spellings promised by the command-line contract.
 SHORT = {"output": "-o"}
+# Options of shared dataclasses that mean nothing to a command: train attaches no stored adapter.
+SKIP = {"train": frozenset({"adapter", "merge_lora"})}
 
 
 def _base_type(tp):
@@ -33,13 +35,16 @@ def _base_type(tp):
     return tp, None
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = (),
+                       skip: frozenset[str] = frozenset()) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            add_dataclass_args(parser, tp)
+            add_dataclass_args(parser, tp, skip=skip)
+            continue
+        if f.name in skip:
             continue
         help_text = docs.get(f.name, "")
         if f.name in positional:
@@ -66,7 +71,12 @@ def build(cls: type, ns: argparse.Namespace):
     kwargs = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        value = build(tp, ns) if dataclasses.is_dataclass(tp) else getattr(ns, f.name)
+        if dataclasses.is_dataclass(tp):
+            value = build(tp, ns)
+        elif hasattr(ns, f.name):
+            value = getattr(ns, f.name)
+        else:  # an option this command does not offer keeps its dataclass default
+            value = f.default if f.default is not dataclasses.MISSING else None
         if value is None and f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()  # an append option given no times
         kwargs[f.name] = value
@@ -153,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, positional, _, help_text) in COMMANDS.items():
-        add_dataclass_args(sub.add_parser(name, help=help_text, description=help_text), cls, positional)
+        add_dataclass_args(sub.add_parser(name, help=help_text, description=help_text), cls, positional,
+                           SKIP.get(name, frozenset()))
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
