@@ -155,7 +155,7 @@ def bundle(args: BundleArgs) -> dict:
             shutil.copytree(args.model, tmp / "model")
         mean = Path(args.mean_prompt).read_text() if args.mean_prompt else shipped_text("mean_prompt.txt")
         (tmp / "mean_prompt.txt").write_text(mean.strip() + "\n")
-        suffix = Path(args.suffix).read_text() if args.suffix else _shipped_suffix()
+        suffix = Path(args.suffix).read_text() if args.suffix else shipped_text("suffix.txt")
         (tmp / "suffix.txt").write_text(suffix.strip() + "\n")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
@@ -175,9 +175,3 @@ def bundle(args: BundleArgs) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
-
-def _shipped_suffix() -> str:
-    from importlib.resources import files
-
-    p = files("prompt_recovery").joinpath("assets", "suffix.txt")
-    return p.read_text(encoding="utf-8") if p.is_file() else ""

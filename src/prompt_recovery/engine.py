@@ -69,6 +69,7 @@ class Engine:
         self.model = model
         self.pad_id = int(pad_id)
         self.eos_ids = sorted({int(i) for i in eos_ids})
+        self._eos_set = set(self.eos_ids)
         self.max_new_tokens = max_new_tokens
         self.stop_ids = {int(i) for i in stop_ids} - set(self.eos_ids)
         self.device = _input_device(model)
@@ -118,9 +119,8 @@ class Engine:
         return [self._cut(row) for row in new]
 
     def _cut(self, row: list[int]) -> list[int]:
-        eos = set(self.eos_ids)
         for n, tok in enumerate(row):
-            if tok in eos:
+            if tok in self._eos_set:
                 return row[:n]
         # Trailing pad after a stop criterion finished this row early.
         while row and row[-1] == self.pad_id:

@@ -38,7 +38,6 @@ class Loaded:
     identity: dict
     adapter: str | None = None
     adapter_type: str | None = None
-    template_dir: str | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -121,12 +120,20 @@ def resolve(args: ModelArgs) -> tuple[str, str]:
     raise InputError(f"model not found: {args.model} (give an HF model folder or a .gguf file)")
 
 
+def read_identity(folder: str) -> dict:
+    """The base-model identity stored in a converted model or adapter folder ({} if it has none)."""
+    path = os.path.join(folder, IDENTITY_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}  # a damaged identity only loses the name; the shape checks still run on the config
+
+
 def _folder_name(path: str) -> str:
-    ident = os.path.join(path, IDENTITY_FILE)
-    if os.path.isfile(ident):
-        with open(ident) as f:
-            return json.load(f).get("name") or os.path.basename(os.path.normpath(path))
-    return os.path.basename(os.path.normpath(path))
+    return read_identity(path).get("name") or os.path.basename(os.path.normpath(path))
 
 
 def identity(config, name: str) -> dict:
@@ -175,9 +182,18 @@ def _attention(device: str) -> str:
     return "sdpa"
 
 
+def bnb_config(quantize: str, dtype):
+    """bitsandbytes settings shared by predict and QLoRA training: nf4 with double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=quantize == "4bit", load_in_8bit=quantize == "8bit",
+                              bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
 def load_base(args: ModelArgs):
     """Load (model, tokenizer, identity, info) for inference, offline, without remote code."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _offline()
     folder, name = resolve(args)
@@ -191,13 +207,7 @@ def load_base(args: ModelArgs):
     if any(f.endswith(".safetensors") for f in os.listdir(folder)):
         kwargs["use_safetensors"] = True  # never unpickle a .bin when safe weights are there
     if args.quantize != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=args.quantize == "4bit",
-            load_in_8bit=args.quantize == "8bit",
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        kwargs["quantization_config"] = bnb_config(args.quantize, dtype)
     # device_map="auto" spreads a model too big for one GPU over all visible ones.
     kwargs["device_map"] = "auto" if device == "cuda" else {"": "cpu"}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -249,11 +259,7 @@ def read_adapter_config(folder: str) -> dict:
 def check_adapter(folder: str, base: dict) -> dict:
     """Refuse an adapter made for another base model; return its adapter_config."""
     cfg = read_adapter_config(folder)
-    want: dict = {}
-    ident = os.path.join(folder, IDENTITY_FILE)
-    if os.path.isfile(ident):
-        with open(ident) as f:
-            want = json.load(f)
+    want = read_identity(folder)
     mismatched = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
                   if want.get(k) is not None and base.get(k) is not None and want[k] != base[k]]
     token_dim = cfg.get("token_dim")
@@ -304,7 +310,7 @@ def load(args: ModelArgs) -> Loaded:
         model, kind = attach_adapter(model, adapter, ident, args.merge_lora, args.quantize != "none")
     info.update({"adapter": adapter, "adapter_type": kind})
     return Loaded(model=model, tokenizer=tokenizer, identity=ident, adapter=adapter, adapter_type=kind,
-                  template_dir=adapter, info=info)
+                  info=info)
 
 
 def write_identity(folder: str, ident: dict) -> None:

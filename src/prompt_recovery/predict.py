@@ -83,7 +83,9 @@ class Report:
 
 
 def shipped_text(name: str) -> str:
-    return files("prompt_recovery").joinpath("assets", name).read_text(encoding="utf-8").strip()
+    """A text file shipped in the package's assets, stripped; empty if the package ships none."""
+    path = files("prompt_recovery").joinpath("assets", name)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
 
 def resolve_fallback(out: OutputArgs) -> str:
@@ -101,7 +103,7 @@ def resolve_suffix(out: OutputArgs) -> str:
     if out.suffix_file in (None, "", "none"):
         return ""
     if out.suffix_file == "auto":
-        return shipped_text("suffix.txt") if files("prompt_recovery").joinpath("assets", "suffix.txt").is_file() else ""
+        return shipped_text("suffix.txt")
     return _read_text(out.suffix_file, "suffix file")
 
 
@@ -240,7 +242,7 @@ def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, fini
               clock, loader) -> None:
     from . import model as model_lib
     from .engine import Engine, newline_token_ids
-    from .prompt import PromptBuilder, Template
+    from .prompt import TEMPLATE_FILE, PromptBuilder, Template
 
     t = clock()
     if t >= deadline:
@@ -259,8 +261,8 @@ def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, fini
 
     if args.prompt.template:
         template = Template.load(args.prompt.template)
-    elif loaded.template_dir and os.path.isfile(os.path.join(loaded.template_dir, "recovery_template.json")):
-        template = Template.load(loaded.template_dir)  # the template the adapter was trained with
+    elif loaded.adapter and os.path.isfile(os.path.join(loaded.adapter, TEMPLATE_FILE)):
+        template = Template.load(loaded.adapter)  # the template the adapter was trained with
     else:
         template = Template()
     template = template.with_prefix(args.prompt.answer_prefix)

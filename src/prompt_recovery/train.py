@@ -22,7 +22,7 @@ import torch
 
 from .config import TrainArgs
 from .data import InputError, read_table
-from .model import ensure_pad_token, identity, resolve, write_identity
+from .model import bnb_config, ensure_pad_token, identity, resolve, write_identity
 from .prompt import PromptBuilder, Template
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def peft_config(args: TrainArgs, model_folder: str, tokenizer):
 
 
 def _load_for_training(args: TrainArgs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = resolve(args.model)
     cuda = torch.cuda.is_available() and args.model.device != "cpu"
@@ -118,9 +118,7 @@ def _load_for_training(args: TrainArgs):
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if args.model.quantize != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=args.model.quantize == "4bit", load_in_8bit=args.model.quantize == "8bit",
-            bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["quantization_config"] = bnb_config(args.model.quantize, dtype)
         kwargs["device_map"] = {"": 0}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
@@ -264,6 +262,7 @@ def train(args: TrainArgs) -> TrainResult:
 def _val_score(model, tokenizer, builder, val_rows, args) -> float:
     """Competition score of greedy predictions on the validation rows (stand-in embedder by default)."""
     from .engine import Engine, newline_token_ids
+    from .meanprompt import BASELINE
     from .postprocess import clean
     from .score import Embedder, score_pairs
 
@@ -278,7 +277,7 @@ def _val_score(model, tokenizer, builder, val_rows, args) -> float:
         outs = engine.generate([builder.build(o, r) for o, r, _ in chunk])
         for out in outs:
             text = clean(tokenizer.decode(out, skip_special_tokens=True), builder.template.answer_prefix)
-            preds.append(text or "Improve the text to this.")  # the scorer rejects blanks; so would Kaggle
+            preds.append(text or BASELINE)  # the scorer rejects blanks; so would Kaggle
     if was_training:
         model.train()
     embedder = _embedder_cache.setdefault(args.embedder or "", Embedder(args.embedder))
