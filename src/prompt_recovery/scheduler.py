@@ -1,11 +1,13 @@
-"""Run generation over all rows under a deadline; every row comes back, in its own slot, whatever fails.
+"""Run generation over all requests under a deadline; every request comes back, in its own slot, whatever fails.
 
-Rows are sorted by prompt length so each batch pads little, and batches are bounded by a token budget
-(rows x (padded prompt + max_new_tokens)). Before each batch the time it needs is estimated from the
-throughput measured so far and the batch is only started (or shrunk) to fit the time left; each batch's
-generation is also bounded in time, so the deadline is overrun by at most one batch's prefill. Out of
-memory halves the batch down to one row; any other error costs only that batch's rows. The scheduler
-sees token ids as opaque lists and knows nothing of tokenizers or torch.
+Requests are sorted by (tier, prompt length): every row's first candidate is served before anyone's second,
+and each batch pads little. Batches are bounded by a token budget (rows x (padded prompt + max_new_tokens)).
+Before each batch, a cost model fitted on the batches so far (prefill per prompt position, decoding per
+running row-step: rows leave a batch when they finish) says how many rows fit the time left; each batch's
+decoding is also bounded in time, so the deadline is overrun by at most one batch's prefill and one step.
+Out of memory halves the batch, retried only after the failed attempt's memory is released; non-finite
+logits call ``recover`` (switch to a safe dtype) and retry once; any other error costs only that batch's
+rows. The scheduler sees requests as opaque items with a length and knows nothing of tokenizers or torch.
 """
 
 from __future__ import annotations
@@ -13,25 +15,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-GenerateFn = Callable[[Sequence[Sequence[int]], "float | None"], list[list[int]]]
-
 DEADLINE = "deadline"
 OOM = "out_of_memory"
+NON_FINITE = "non_finite"
 
 
 @dataclass
 class Outcome:
     tokens: list[int] | None
-    """Generated ids, or None where the row falls back."""
+    """Generated ids, or None where the request falls back."""
     reason: str | None = None
-    """Why the row falls back (None when it was generated)."""
+    """Why the request falls back (None when it was generated)."""
     timed_out: bool = False
     """Its batch hit the time bound, so the generation may be cut short."""
 
@@ -43,31 +44,104 @@ class BatchStat:
     seconds: float
     new_tokens: int
     status: str
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    row_steps: int = 0
+    estimate_s: float | None = None
+    """What the cost model predicted for this batch before it ran (None while uncalibrated)."""
 
 
 @dataclass
 class SchedulerStats:
     batches: list[BatchStat] = field(default_factory=list)
     oom_splits: int = 0
+    recoveries: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"batches": [asdict(b) for b in self.batches], "oom_splits": self.oom_splits}
+        return {"batches": [asdict(b) for b in self.batches], "oom_splits": self.oom_splits,
+                "recoveries": list(self.recoveries)}
+
+
+@dataclass
+class CostModel:
+    """Seconds a batch takes: prefill per padded prompt position, decoding per running row-step.
+
+    Rates come from the most recent batch, which is the closest in length (requests are served shortest
+    first); a rate only falls halfway towards a faster measurement, since underestimating is what overruns a
+    deadline. A batch wider than the one measured is charged as if attention made every position cost in
+    proportion to the width (the quadratic worst case), so longer batches are never underestimated.
+    """
+
+    max_new_tokens: int
+    prefill_rate: float | None = None
+    """Seconds per padded prompt position, at width ``ref_width``."""
+    step_rate: float | None = None
+    """Seconds per row-step (one running row, one decoding step), at width ``ref_width``."""
+    ref_width: int = 1
+    steps_per_row: float | None = None
+    """Decoding steps a row takes on average (rows stop early at a line break or EOS)."""
+    _rows_seen: int = 0
+    _steps_seen: int = 0
+
+    @property
+    def calibrated(self) -> bool:
+        return self.prefill_rate is not None
+
+    def _scale(self, width: int) -> float:
+        return max(1.0, width / self.ref_width)
+
+    def update(self, rows: int, width: int, prefill_s: float, decode_s: float, row_steps: int) -> None:
+        measured_p = prefill_s / max(rows * width, 1)
+        measured_d = decode_s / row_steps if row_steps else None
+        scale = self._scale(width)
+        self.prefill_rate = _slow(self.prefill_rate and self.prefill_rate * scale, measured_p)
+        if measured_d is not None:
+            self.step_rate = _slow(self.step_rate and self.step_rate * scale, measured_d)
+        self.ref_width = width
+        self._rows_seen += rows
+        self._steps_seen += row_steps
+        # The last batch's own mean counts too: later (longer) rows tend to need more steps, never fewer.
+        self.steps_per_row = max(self._steps_seen / self._rows_seen, row_steps / max(rows, 1))
+
+    def prefill(self, rows: int, width: int) -> float:
+        return (self.prefill_rate or 0.0) * rows * width * self._scale(width)
+
+    def decode(self, rows: int, width: int) -> float:
+        steps = self.max_new_tokens if self.steps_per_row is None else min(self.steps_per_row, self.max_new_tokens)
+        rate = self.step_rate if self.step_rate is not None else (self.prefill_rate or 0.0)
+        return rate * rows * steps * self._scale(width)
+
+    def total(self, rows: int, width: int) -> float:
+        return self.prefill(rows, width) + self.decode(rows, width)
+
+
+def _slow(old: float | None, new: float) -> float:
+    return new if old is None or new >= old else 0.5 * (old + new)
 
 
 class Scheduler:
+    """Serve ``{key: request}`` through ``generate`` in time; ``run`` returns ``{key: Outcome}`` for every key.
+
+    ``generate(batch, max_time)`` returns an object with ``tokens`` (one list per request, in order) and the
+    batch's cost (``prefill_tokens``, ``prefill_s``, ``row_steps``, ``decode_s``): the engine's BatchOutput.
+    """
+
     def __init__(
         self,
-        generate: GenerateFn,
+        generate: Callable,
         *,
         deadline: float,
         max_new_tokens: int,
         max_batch_tokens: int,
         max_batch_size: int,
         budget_per_row: float,
+        length: Callable[[object], int] = len,
         clock: Callable[[], float] = time.monotonic,
-        on_batch: Callable[[dict[int, Outcome]], None] | None = None,
+        on_batch: Callable[[dict[Hashable, Outcome]], None] | None = None,
+        recover: Callable[[str], bool] | None = None,
         progress: bool = False,
         calibration_rows: int = 4,
+        desc: str = "predict",
     ) -> None:
         self.generate = generate
         self.deadline = deadline
@@ -75,56 +149,61 @@ class Scheduler:
         self.token_cap = max_batch_tokens
         self.size_cap = max_batch_size
         self.budget_per_row = budget_per_row
+        self.length = length
         self.clock = clock
         self.on_batch = on_batch
+        self.recover = recover
         self.progress = progress
         self.calibration_rows = max(1, calibration_rows)
-        self.rate: float | None = None  # seconds per token slot (row x position), measured
+        self.desc = desc
+        self.cost = CostModel(max_new_tokens)
         self.stats = SchedulerStats()
 
-    def _cost(self, rows: int, padded: int) -> int:
+    def _slots(self, rows: int, padded: int) -> int:
         return rows * (padded + self.max_new_tokens)
 
-    def _next_batch(self, queue: list[int], prompts: Mapping[int, Sequence[int]]) -> list[int]:
-        batch: list[int] = []
-        for idx in queue:
-            padded = len(prompts[idx])  # the queue is sorted by length: the newest row is the longest
+    def _next_batch(self, queue: list, lengths: Mapping) -> list:
+        batch: list = []
+        width = 0
+        for key in queue:
+            width = max(width, lengths[key])
             # A single row always forms a batch, however long: it was truncated to fit by the prompt stage.
-            if batch and (len(batch) >= self.size_cap or self._cost(len(batch) + 1, padded) > self.token_cap):
+            if batch and (len(batch) >= self.size_cap or self._slots(len(batch) + 1, width) > self.token_cap):
                 break
-            batch.append(idx)
+            batch.append(key)
         return batch
 
-    def _fit_to_time(self, batch: list[int], prompts: Mapping[int, Sequence[int]], left: float) -> list[int]:
-        if self.rate is None:
-            # Nothing measured yet: a small first batch measures the rate, so an uninterruptible prefill
-            # of a full batch can never be what overruns a tight deadline.
+    def _fit_to_time(self, batch: list, lengths: Mapping, left: float) -> list:
+        if not self.cost.calibrated:
+            # Nothing measured yet: a small first batch measures the rates, so an uninterruptible prefill of a
+            # full batch can never be what overruns a tight deadline.
             return batch[: self.calibration_rows]
-        padded = max(len(prompts[i]) for i in batch)
-        per_row = self.rate * (padded + self.max_new_tokens)
+        width = max(lengths[k] for k in batch)
+        per_row = self.cost.total(1, width)
         fit = int(left // per_row) if per_row > 0 else len(batch)
         return batch[: max(0, min(fit, len(batch)))]
 
-    def run(self, prompts: Mapping[int, Sequence[int]]) -> dict[int, Outcome]:
-        """Generate for every row of ``prompts`` ({row index: token ids}); one Outcome per row."""
-        queue = sorted(prompts, key=lambda i: (len(prompts[i]), i))
-        results: dict[int, Outcome] = {}
-        bar = tqdm(total=len(queue), disable=not self.progress, unit="row", desc="predict")
+    def run(self, requests: Mapping[Hashable, object], tiers: Mapping[Hashable, int] | None = None
+            ) -> dict[Hashable, Outcome]:
+        """Generate for every request; one Outcome per key. ``tiers``: lower tiers are served first."""
+        lengths = {k: self.length(r) for k, r in requests.items()}
+        order = {k: n for n, k in enumerate(requests)}
+        queue = sorted(requests, key=lambda k: ((tiers or {}).get(k, 0), lengths[k], order[k]))
+        results: dict[Hashable, Outcome] = {}
+        bar = tqdm(total=len(queue), disable=not self.progress, unit="row", desc=self.desc)
         fallbacks = 0
         try:
             while queue:
                 left = self.deadline - self.clock()
-                batch = self._next_batch(queue, prompts)
-                batch = self._fit_to_time(batch, prompts, left) if left > 0 else []
+                batch = self._next_batch(queue, lengths)
+                batch = self._fit_to_time(batch, lengths, left) if left > 0 else []
                 if not batch:
                     # The rows left cannot be reached in time: they fall back now rather than overrun.
-                    done = {i: Outcome(None, DEADLINE) for i in queue}
-                    self._emit(done, results)
-                    fallbacks += len(done)
-                    bar.update(len(done))
-                    break
-                queue = queue[len(batch):]
-                done = self._run_batch(batch, prompts)
+                    done = {k: Outcome(None, DEADLINE) for k in queue}
+                    queue = []
+                else:
+                    queue = queue[len(batch):]
+                    done = self._run_batch(batch, requests, lengths)
                 self._emit(done, results)
                 fallbacks += sum(1 for o in done.values() if o.tokens is None)
                 bar.update(len(done))
@@ -133,56 +212,79 @@ class Scheduler:
             bar.close()
         return results
 
-    def _emit(self, done: dict[int, Outcome], results: dict[int, Outcome]) -> None:
+    def _emit(self, done: dict, results: dict) -> None:
         results.update(done)
         if self.on_batch is not None and done:
             self.on_batch(done)
 
-    def _run_batch(self, batch: list[int], prompts: Mapping[int, Sequence[int]]) -> dict[int, Outcome]:
+    def _run_batch(self, batch: list, requests: Mapping, lengths: Mapping, retried: bool = False) -> dict:
         left = self.deadline - self.clock()
         if left <= 0:
-            return {i: Outcome(None, DEADLINE) for i in batch}
+            return {k: Outcome(None, DEADLINE) for k in batch}
         # Each batch is bounded by its own rows' share as well as by the run, so one slow batch cannot
         # eat the time of every row behind it.
         max_time = min(left, len(batch) * self.budget_per_row)
-        padded = max(len(prompts[i]) for i in batch)
+        padded = max(lengths[k] for k in batch)
+        estimate = self.cost.total(len(batch), padded) if self.cost.calibrated else None
         start = self.clock()
+        failure = None
         try:
-            out = self.generate([prompts[i] for i in batch], max_time)
-            if len(out) != len(batch):
-                raise RuntimeError(f"engine returned {len(out)} rows for a batch of {len(batch)}")
+            out = self.generate([requests[k] for k in batch], max_time)
+            if len(out.tokens) != len(batch):
+                raise RuntimeError(f"engine returned {len(out.tokens)} rows for a batch of {len(batch)}")
         except MemoryError as exc:
-            return self._split(batch, prompts, padded, start, exc)
+            failure = (OOM, _first_line(exc))
+        except FloatingPointError as exc:
+            failure = (NON_FINITE, _first_line(exc))
         except Exception as exc:  # any failure costs only this batch's rows, never the run
             seconds = self.clock() - start
             log.warning("batch of %d rows failed: %s: %s", len(batch), type(exc).__name__, exc)
-            self.stats.batches.append(BatchStat(len(batch), padded, seconds, 0, "error"))
-            reason = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
-            return {i: Outcome(None, reason) for i in batch}
+            self.stats.batches.append(BatchStat(len(batch), padded, seconds, 0, "error", estimate_s=estimate))
+            reason = f"error: {type(exc).__name__}: {_first_line(exc)}".strip()
+            return {k: Outcome(None, reason) for k in batch}
+        # Failures are handled here, outside the except blocks: a retry must not run while the failed
+        # attempt's exception (and through its traceback, its frames and tensors) is still alive.
+        if failure is not None:
+            kind, message = failure
+            self.stats.batches.append(BatchStat(len(batch), padded, self.clock() - start, 0, kind,
+                                                estimate_s=estimate))
+            if kind == OOM:
+                return self._split(batch, requests, lengths, padded, message)
+            if not retried and self.recover is not None and self.recover(message):
+                self.stats.recoveries.append(message)
+                return self._run_batch(batch, requests, lengths, retried=True)
+            log.warning("batch of %d rows gave non-finite logits: %s", len(batch), message)
+            return {k: Outcome(None, NON_FINITE) for k in batch}
         seconds = self.clock() - start
-        longest = max((len(t) for t in out), default=0)
-        timed_out = seconds >= max_time
-        slots = len(batch) * (padded + max(longest, 1))
-        if seconds > 0 and slots > 0:
-            measured = seconds / slots
-            # Keep the slower of the estimates: underestimating is what overruns a deadline.
-            self.rate = measured if self.rate is None else max(measured, 0.5 * (self.rate + measured))
-        self.stats.batches.append(
-            BatchStat(len(batch), padded, seconds, sum(len(t) for t in out), "timed_out" if timed_out else "ok")
-        )
-        return {i: Outcome(list(t), None, timed_out) for i, t in zip(batch, out)}
+        self.cost.update(len(batch), padded, out.prefill_s, out.decode_s, out.row_steps)
+        self.stats.batches.append(BatchStat(
+            len(batch), padded, seconds, sum(len(t) for t in out.tokens),
+            "timed_out" if out.timed_out else "ok", out.prefill_s, out.decode_s, out.row_steps, estimate))
+        return {k: Outcome(list(t), None, out.timed_out) for k, t in zip(batch, out.tokens)}
 
-    def _split(self, batch, prompts, padded, start, exc) -> dict[int, Outcome]:
-        self.stats.batches.append(BatchStat(len(batch), padded, self.clock() - start, 0, "out_of_memory"))
+    def _split(self, batch: list, requests: Mapping, lengths: Mapping, padded: int, message: str) -> dict:
         if len(batch) == 1:
-            log.warning("one row ran out of memory on its own; it falls back: %s", exc)
+            log.warning("one row ran out of memory on its own; it falls back: %s", message)
             return {batch[0]: Outcome(None, OOM)}
         self.stats.oom_splits += 1
         # Later batches start no larger than what is known to fail, halved.
-        self.token_cap = max(1, min(self.token_cap, self._cost(len(batch), padded) // 2))
+        self.token_cap = max(1, min(self.token_cap, self._slots(len(batch), padded) // 2))
         self.size_cap = max(1, min(self.size_cap, math.ceil(len(batch) / 2)))
-        half = math.ceil(len(batch) / 2)
-        done: dict[int, Outcome] = {}
-        for part in (batch[:half], batch[half:]):
-            done.update(self._run_batch(part, prompts))
+        # The rest goes in pieces under the caps as they stand now: a half that fails lowers them again, and
+        # the pieces after it never try a size already known to fail.
+        done: dict = {}
+        rest = list(batch)
+        while rest:
+            piece = self._next_batch(rest, lengths)
+            rest = rest[len(piece):]
+            done.update(self._run_batch(piece, requests, lengths))
         return done
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def stat_rows(stats: Sequence[BatchStat]) -> int:
+    return sum(b.rows for b in stats if b.status in ("ok", "timed_out"))
