@@ -16,35 +16,35 @@ from conftest import assert_valid_submission, write_test_csv
 from prompt_recovery import model as model_lib
 from prompt_recovery.config import BudgetArgs, GenerationArgs, ModelArgs, PredictArgs
 from prompt_recovery.predict import predict, shipped_text
-from prompt_recovery.submission import Checkpoint, SubmissionError, write_submission
+from prompt_recovery.submission import CandidateLog, SubmissionError, write_submission
 
 FALLBACK = shipped_text("mean_prompt.txt")
 
 
 class Counting:
-    """Wraps a model: counts rows generated and can raise on the n-th generate call."""
+    """Watches a model's forward: counts prefill rows and can raise on the n-th prefill (a batch)."""
 
     def __init__(self, model, fail_on_call=None, exc=KeyboardInterrupt):
         self.model, self.fail_on_call, self.exc = model, fail_on_call, exc
         self.calls = self.rows = 0
-        self.generation_config = model.generation_config
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.register_forward_pre_hook(self.hook, with_kwargs=True)
 
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def generate(self, **kw):
+    def hook(self, module, args, kwargs):
+        x = kwargs.get("input_ids")
+        x = kwargs["inputs_embeds"] if x is None else x
+        if x.shape[1] == 1:
+            return  # a decoding step, not a batch's prefill
         self.calls += 1
         if self.calls == self.fail_on_call:
             raise self.exc("injected")
-        self.rows += kw["input_ids"].shape[0]
-        return self.model.generate(**kw)
+        self.rows += x.shape[0]
 
 
 def loader_with(wrapper_kwargs, seen):
     def load(args: ModelArgs):
         loaded = model_lib.load(args)
-        loaded.model = Counting(loaded.model, **wrapper_kwargs)
-        seen.append(loaded.model)
+        seen.append(Counting(loaded.model, **wrapper_kwargs))
         return loaded
 
     return load
@@ -90,13 +90,14 @@ def test_checkpoint_of_another_input_is_ignored(tiny_model_dir, tmp_path):
     assert report.resumed == 0 and seen[0].rows == 5
 
 
-def test_torn_checkpoint_line_is_skipped(tmp_path):
-    cp = Checkpoint(str(tmp_path / "c.jsonl"), "abc")
+def test_torn_candidates_line_is_skipped(tmp_path):
+    cp = CandidateLog(str(tmp_path / "c.jsonl"), "abc")
     cp.start(keep=False)
-    cp.append([(0, "a", "Make it formal.", "model")])
+    cp.append([{"row": 0, "id": "a", "member": "m@1", "name": "m", "sample": 0, "text": "Make it formal."}])
     with open(cp.path, "a") as f:
-        f.write('{"row": 1, "id": "b", "pro')
-    assert cp.load(["a", "b"]) == {0: ("Make it formal.", "model")}
+        f.write('{"row": 1, "id": "b", "member": "m@1", "name": "m", "sam')
+    assert [r["text"] for r in cp.load(["a", "b"])] == ["Make it formal."]
+    assert CandidateLog(cp.path, "another input").load(["a", "b"]) == []
 
 
 def test_a_failing_load_leaves_an_all_fallback_submission(tiny_model_dir, tmp_path):

@@ -11,9 +11,11 @@ import torch
 from conftest import assert_valid_submission, write_test_csv
 
 from prompt_recovery import model as model_lib
+from prompt_recovery.adapters import from_peft
 from prompt_recovery.cli import main
 from prompt_recovery.config import ModelArgs, TrainArgs
 from prompt_recovery.data import InputError
+from prompt_recovery.engine import Engine, Request
 from prompt_recovery.prompt import PromptBuilder, Template
 from prompt_recovery.train import train
 
@@ -44,12 +46,6 @@ def args_for(tmp_path, model_dir, method="prompt-tuning", **kw):
     return TrainArgs(**base)
 
 
-def last_logits(model, ids):
-    with torch.no_grad():
-        mask = torch.ones(1, len(ids), dtype=torch.long)
-        return model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -1]
-
-
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "lora"])
 def test_each_method_trains_and_predict_loads_the_same_model(method, tiny_model_dir, tmp_path, capsys):
     args = args_for(tmp_path, tiny_model_dir, method, val=write_train(tmp_path / "val.csv", n=4))
@@ -64,8 +60,16 @@ def test_each_method_trains_and_predict_loads_the_same_model(method, tiny_model_
     assert json.loads((out / "train_log.json").read_text())["log_history"]
 
     loaded = model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(out), merge_lora=False))
-    ids = PromptBuilder(loaded.tokenizer, Template.load(str(out)), 256).build("Some text.", "Other text!")
-    assert torch.allclose(last_logits(loaded.model, ids), last_logits(result.model, ids), atol=1e-5)
+    tok = loaded.tokenizer
+    ids = PromptBuilder(tok, Template.load(str(out)), 256).build("Some text.", "Other text!")
+    # What predict serves from the folder is what training held in memory, served the same way.
+    from_disk = Engine(loaded.model, tok.pad_token_id, [tok.eos_token_id], 6, served=loaded.served)
+    model, served, name = from_peft(result.model)
+    in_memory = Engine(model, tok.pad_token_id, [tok.eos_token_id], 6, served=served)
+    got = from_disk.run([Request(ids, adapter=loaded.adapter_names[0])])
+    assert got.tokens == in_memory.generate([Request(ids, adapter=name)])
+    if method == "prompt-tuning":  # the 4 virtual tokens really are in the prompt the model reads
+        assert from_disk.length(Request(ids, adapter=loaded.adapter_names[0])) == len(ids) + 4
 
     ids_csv = write_test_csv(tmp_path / "t.csv", n=3)
     code = main(["predict", str(tmp_path / "t.csv"), "-o", str(tmp_path / "s.csv"), "--model", tiny_model_dir,

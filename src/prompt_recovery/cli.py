@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from .config import BundleArgs, OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
+from .config import BundleArgs, EvaluateArgs, OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
 from .data import InputError
 
 # Short spellings promised by the command-line contract.
@@ -103,6 +103,16 @@ def run_predict(args: PredictArgs) -> int:
     return 1 if report.error else 0
 
 
+def run_evaluate(args: EvaluateArgs) -> int:
+    from .evaluate import evaluate, markdown
+
+    result = evaluate(args)
+    print(result.report.summary(), file=sys.stderr)
+    print(markdown(result))
+    print(f"per-row scores, table and chart in {args.output}", file=sys.stderr)
+    return 1 if result.report.error else 0
+
+
 def run_score(args: ScoreArgs) -> int:
     from .score import Embedder, score_files, write_per_row
 
@@ -150,6 +160,8 @@ def run_bundle(args: BundleArgs) -> int:
 # name: (argument dataclass, positional fields, entry function, help)
 COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
     "predict": (PredictArgs, ("test_csv",), run_predict, "write a submission for a test CSV"),
+    "evaluate": (EvaluateArgs, ("labeled_csv",), run_evaluate,
+                 "predict and score rows with gold prompts: each member alone and each combination"),
     "score": (ScoreArgs, ("submission", "gold"), run_score, "score a submission against gold prompts"),
     "optimize-prompt": (OptimizeArgs, ("prompts_csv",), run_optimize,
                         "search the mean prompt (or, with --predictions, the suffix) that scores best"),

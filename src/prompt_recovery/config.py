@@ -29,8 +29,8 @@ def _choice(name: str, value: object, choices: tuple) -> None:
 class ModelArgs:
     model: str | None = None
     """HF model folder, a .gguf file, or empty for the embedded Gemma 3 270M."""
-    adapter: str | None = "auto"
-    """PEFT adapter folder; 'auto' takes the one shipped for the embedded model, 'none' runs the bare base."""
+    adapter: list[str] = field(default_factory=lambda: ["auto"])
+    """PEFT adapter folder (repeat for an ensemble over one base); auto: the shipped one; none: the bare base."""
     quantize: Quantize = "none"
     """bitsandbytes quantization of the base model: none, 4bit (nf4, double quantization) or 8bit."""
     dtype: DType = "auto"
@@ -43,6 +43,10 @@ class ModelArgs:
     """Where GGUF files are converted once into HF folders (default ~/.cache/prompt_recovery)."""
 
     def __post_init__(self) -> None:
+        # One folder may be given as a string; an empty list means the default.
+        if self.adapter is None or isinstance(self.adapter, str):
+            self.adapter = [self.adapter or "none"]
+        self.adapter = list(self.adapter) or ["auto"]
         _choice("quantize", self.quantize, ("none", "4bit", "8bit"))
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -128,6 +132,58 @@ class OutputArgs:
             raise ValueError(f"max_prompt_words must be at least 1; got {self.max_prompt_words}")
 
 
+Combine = Literal["first", "concat", "mbr"]
+
+
+@dataclass
+class MemberArgs:
+    """One member of an ensemble: a model + adapter, how it is prompted, and what share of the time it gets."""
+
+    name: str | None = None
+    """Name in reports and in the candidates file (default: the adapter folder's name, or 'base')."""
+    model: str | None = None
+    """HF folder or .gguf (default: --model, else the embedded Gemma 3 270M)."""
+    adapter: str = "auto"
+    """Adapter folder; auto: the one shipped for the embedded model; none: the bare base."""
+    answer_prefix: str | None = None
+    """Text that starts this member's answers (default: --answer-prefix, else its template's)."""
+    template: str | None = None
+    """Recovery template JSON (default: --template, else the adapter's, else the built-in one)."""
+    share: float = 1.0
+    """Relative share of the time left when this member's model runs (members over one model add up)."""
+    samples: int = 1
+    """Answers per row: 1 is greedy; more are sampled (temperature, top_p) with seeds from --seed."""
+    temperature: float = 0.7
+    """Sampling temperature when samples > 1."""
+    top_p: float = 0.95
+    """Nucleus mass kept when samples > 1."""
+    seed: int = 0
+    """Seed of this member's sampled answers (each row and sample gets its own stream)."""
+
+    def __post_init__(self) -> None:
+        if self.share <= 0:
+            raise ValueError(f"member share must be positive; got {self.share}")
+        if self.samples < 1:
+            raise ValueError(f"member samples must be at least 1; got {self.samples}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise ValueError("sampled members (samples > 1) need a temperature above 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if not self.adapter:
+            self.adapter = "none"
+
+
+@dataclass
+class EnsembleArgs:
+    members: str | None = None
+    """Run spec (TOML or JSON) listing the members; overrides --adapter."""
+    combine: Combine = "first"
+    """How a row's candidates become one prompt: first (members in order), concat, or mbr (metric medoid)."""
+
+    def __post_init__(self) -> None:
+        _choice("combine", self.combine, ("first", "concat", "mbr"))
+
+
 @dataclass
 class PredictArgs:
     test_csv: str
@@ -145,6 +201,27 @@ class PredictArgs:
     generation: GenerationArgs = field(default_factory=GenerationArgs)
     budget: BudgetArgs = field(default_factory=BudgetArgs)
     out: OutputArgs = field(default_factory=OutputArgs)
+    ensemble: EnsembleArgs = field(default_factory=EnsembleArgs)
+
+
+@dataclass
+class EvaluateArgs:
+    labeled_csv: str
+    """Rows with gold prompts: id, original_text, rewritten_text, rewrite_prompt."""
+    output: str = "evaluation"
+    """Folder for the submission, candidates, per-row scores, table and chart."""
+    scorer: list[str] = field(default_factory=list)
+    """Scoring embedder folder (repeat to score under several); default: the packaged MiniLM stand-in."""
+    resume: bool = False
+    """Keep the candidates an earlier run on the same rows stored in OUTPUT; generate only what is missing."""
+    progress: bool = True
+    """Show a progress bar."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+    budget: BudgetArgs = field(default_factory=BudgetArgs)
+    out: OutputArgs = field(default_factory=OutputArgs)
+    ensemble: EnsembleArgs = field(default_factory=EnsembleArgs)
 
 
 @dataclass
@@ -261,7 +338,7 @@ class TrainArgs:
     """Keep OUTPUT/checkpoints after training."""
     progress: bool = True
     """Show progress bars."""
-    model: ModelArgs = field(default_factory=lambda: ModelArgs(adapter="none"))
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(adapter=["none"]))
 
     def __post_init__(self) -> None:
         _choice("method", self.method, ("prompt-tuning", "prefix-tuning", "lora"))

@@ -109,6 +109,10 @@ class Engine:
     def __init__(self, model, pad_id: int, eos_ids: Iterable[int], max_new_tokens: int,
                  stop_ids: Iterable[int] = (), *, served: Served | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        config = getattr(model, "active_peft_config", None)
+        if config is not None and config.is_prompt_learning:
+            # Its virtual tokens live in the wrapper, which this loop bypasses: they would be silently lost.
+            raise ValueError("serve soft prompts and prefixes through adapters.attach / adapters.from_peft")
         self.model = model  # a transformers model, or a PeftModel holding LoRA adapters
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.served = served or Served()
@@ -241,9 +245,11 @@ class Engine:
         for b, v in enumerate(lengths):
             mask[b, width - v:] = 1
         template = next(p for p in prefixes if p is not None)
+        dtype = self.base.get_input_embeddings().weight.dtype  # follows the model if it is upcast later
         for layer, (k0, v0) in enumerate(template):
-            keys = k0.new_zeros((len(reqs), k0.shape[1], width, k0.shape[3]))
-            values = v0.new_zeros((len(reqs), v0.shape[1], width, v0.shape[3]))
+            # On the layer's own device: a model spread over GPUs keeps each layer's cache where the layer is.
+            keys = torch.zeros((len(reqs), k0.shape[1], width, k0.shape[3]), dtype=dtype, device=k0.device)
+            values = torch.zeros((len(reqs), v0.shape[1], width, v0.shape[3]), dtype=dtype, device=v0.device)
             for b, p in enumerate(prefixes):
                 if p is not None:
                     keys[b, :, width - lengths[b]:] = p[layer][0][0]

@@ -34,11 +34,21 @@ class AdapterMismatch(InputError):
 @dataclass
 class Loaded:
     model: object
+    """The base model, or a PeftModel over it holding unmerged LoRA adapters."""
     tokenizer: object
     identity: dict
     adapter: str | None = None
+    """The first adapter folder (None: the first member runs the bare base)."""
     adapter_type: str | None = None
     info: dict = field(default_factory=dict)
+    served: object = None
+    """engine.Served: soft prompts, prefixes and LoRA names the engine routes rows to."""
+    adapter_paths: list = field(default_factory=list)
+    """Per requested adapter (ModelArgs.adapter order): its folder, or None for the bare base."""
+    adapter_names: list = field(default_factory=list)
+    """Per requested adapter: the name the engine serves it under, or None for the bare base."""
+    kinds: dict = field(default_factory=dict)
+    """Served name -> peft type."""
 
 
 def _offline() -> None:
@@ -278,39 +288,47 @@ def check_adapter(folder: str, base: dict) -> dict:
     return cfg
 
 
-def attach_adapter(model, folder: str, base: dict, merge_lora: bool, quantized: bool):
-    """Wrap ``model`` in a PeftModel with the stored adapter; returns (model, adapter type)."""
-    from peft import PeftModel
-
-    cfg = check_adapter(folder, base)
-    kind = cfg.get("peft_type", "UNKNOWN")
-    try:
-        # from_pretrained, not load_adapter: only it works for soft prompts as well as LoRA.
-        model = PeftModel.from_pretrained(model, folder, is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise AdapterMismatch(f"adapter {folder} does not fit {base['name']}: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    if kind == "LORA" and merge_lora and not quantized:
-        model = model.merge_and_unload()  # one matmul per layer instead of two; quantized bases cannot merge
-    return model, kind
+def resolve_adapter(entry: str | None, model_name: str, embedded: bool) -> str | None:
+    """An --adapter entry -> its folder, or None for the bare base."""
+    if entry == "auto":
+        return shipped_adapter(model_name) if embedded else None
+    if entry in (None, "", "none"):
+        return None
+    if not os.path.isdir(entry):
+        raise InputError(f"adapter folder not found: {entry}")
+    return entry
 
 
 def load(args: ModelArgs) -> Loaded:
-    """Base model plus adapter, ready for the engine."""
+    """The base model once, with every adapter of ``args.adapter`` served beside it (see ``adapters``)."""
+    from .adapters import attach
+
     model, tokenizer, ident, info = load_base(args)
-    adapter = args.adapter
-    if adapter == "auto":
-        adapter = shipped_adapter(ident["name"]) if args.model is None else None
-    elif adapter in (None, "", "none"):
-        adapter = None
-    kind = None
-    if adapter is not None:
-        if not os.path.isdir(adapter):
-            raise InputError(f"adapter folder not found: {adapter}")
-        model, kind = attach_adapter(model, adapter, ident, args.merge_lora, args.quantize != "none")
-    info.update({"adapter": adapter, "adapter_type": kind})
-    return Loaded(model=model, tokenizer=tokenizer, identity=ident, adapter=adapter, adapter_type=kind,
-                  info=info)
+    paths = [resolve_adapter(a, ident["name"], args.model is None) for a in args.adapter]
+    folders: dict[str, str] = {}
+    names: list[str | None] = []
+    for path in paths:
+        if path is None:
+            names.append(None)
+            continue
+        name = next((n for n, f in folders.items() if f == path), None)
+        if name is None:  # the same folder twice (say greedy and sampled members) is loaded once
+            base = name = os.path.basename(os.path.normpath(path)) or "adapter"
+            k = 2
+            while name in folders:
+                name, k = f"{base}#{k}", k + 1
+            folders[name] = path
+        names.append(name)
+    configs = {name: check_adapter(path, ident) for name, path in folders.items()}
+    attached = attach(model, folders, configs, quantized=args.quantize != "none", merge_lora=args.merge_lora,
+                      base_needed=None in names)
+    first = names[0] if names else None
+    info.update({"adapter": paths[0] if paths else None,
+                 "adapters": {n: {"path": p, "type": attached.kinds[n]} for n, p in folders.items()},
+                 "adapter_type": attached.kinds.get(first) if first else None})
+    return Loaded(model=attached.model, tokenizer=tokenizer, identity=ident, adapter=info["adapter"],
+                  adapter_type=info["adapter_type"], info=info, served=attached.served, adapter_paths=paths,
+                  adapter_names=names, kinds=attached.kinds)
 
 
 def write_identity(folder: str, ident: dict) -> None:

@@ -1,12 +1,19 @@
-"""predict: test CSV in, valid submission out, inside a time budget; no row is ever blank.
+"""predict: test table in, valid submission out, inside a time budget; no row is ever blank.
 
-Order of work, chosen so that a failure at any step still leaves a scoring submission:
-read input -> write an all-fallback submission -> apply checkpoint and rules -> load model ->
-build prompts -> scheduler (after each batch: postprocess, atomic rewrite, checkpoint) -> report.
+Data flow, top to bottom (every step reads and writes the one ``Rows`` object):
+1. read the table; write an all-fallback submission before anything heavy can fail;
+2. rules (unchanged text), resumed candidates from an earlier run's log;
+3. for each group of members sharing a model, with its share of the time left: load the model once with
+   every member's adapter, build each member's prompts, and let the scheduler serve all of them together
+   (after each batch: clean answers into candidates, log them, combine each touched row, rewrite the file);
+   unload before the next group;
+4. report.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import os
@@ -14,22 +21,33 @@ import resource
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 
 from .config import OutputArgs, PredictArgs
 from .data import InputError, read_test
+from .ensemble import MBR, Combiner, Member, groups, resolve_members, share_of
 from .postprocess import UNCHANGED_PROMPT, clean, fit_with_suffix, normalise, unchanged
+from .rows import FALLBACK, MODEL, RULE, Rows
 from .scheduler import Outcome, Scheduler
-from .submission import Checkpoint, input_fingerprint, write_submission
 
 log = logging.getLogger(__name__)
 
-MODEL = "model"
-RULE = "rule"
-FALLBACK = "fallback"
+
+@dataclass
+class MemberReport:
+    name: str
+    key: str
+    model: str | None
+    adapter: str
+    adapter_type: str | None = None
+    requests: int = 0
+    """Answers asked of this member in this run (rows x samples, minus those resumed)."""
+    answered: int = 0
+    """Usable answers it gave."""
+    failed: dict = field(default_factory=dict)
+    """Answers it did not give, by reason."""
 
 
 @dataclass
@@ -47,12 +65,18 @@ class Report:
     deadline_used: float = 0.0
     """Share of the run's budget (before the safety margin) spent."""
     new_tokens: int = 0
+    prompt_tokens: int = 0
+    """Padded prompt positions processed (rows x width of every batch)."""
     tokens_per_s: float = 0.0
     rows_per_s: float = 0.0
     peak_rss_mb: float = 0.0
     peak_cuda_mb: float | None = None
     batches: list = field(default_factory=list)
     oom_splits: int = 0
+    recoveries: list = field(default_factory=list)
+    """Switches to a safe dtype after non-finite logits, with what changed."""
+    combine: str = "first"
+    members: list = field(default_factory=list)
     model: dict = field(default_factory=dict)
     template: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -63,19 +87,24 @@ class Report:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallback_reasons.items())) or "none"
         lines = [
             (f"wrote {self.output}: {self.rows} rows; {self.generated} generated, {self.rule_based} by rule, "
-            f"{self.resumed} resumed, {self.fallback} fallback ({reasons})"),
+             f"{self.resumed} resumed, {self.fallback} fallback ({reasons})"),
             (f"time {self.elapsed_s:.1f}s of {self.budget_s:.0f}s budget ({100 * self.deadline_used:.0f}%); "
-            f"load {self.load_s:.1f}s, generate {self.generate_s:.1f}s in {len(self.batches)} batches, "
-            f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} new tokens/s"),
+             f"load {self.load_s:.1f}s, generate {self.generate_s:.1f}s in {len(self.batches)} batches, "
+             f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} new tokens/s"),
             f"peak memory: {self.peak_rss_mb:.0f} MB RSS"
             + (f", {self.peak_cuda_mb:.0f} MB CUDA" if self.peak_cuda_mb is not None else ""),
         ]
         if self.model:
-            lines.append(
-                f"model {self.model.get('name')} ({self.model.get('device')}, {self.model.get('dtype')}, "
-                f"quantize {self.model.get('quantize')}); adapter {self.model.get('adapter') or 'none'}"
-                + (f" ({self.model.get('adapter_type')})" if self.model.get("adapter_type") else "")
-            )
+            lines.append(f"model {self.model.get('name')} ({self.model.get('device')}, {self.model.get('dtype')}, "
+                         f"quantize {self.model.get('quantize')})")
+        if len(self.members) > 1 or any(m["adapter"] not in ("none",) for m in self.members):
+            for m in self.members:
+                failed = ", ".join(f"{k}: {v}" for k, v in sorted(m["failed"].items()))
+                lines.append(f"member {m['name']} ({m['adapter_type'] or 'no adapter'}): {m['answered']} of "
+                             f"{m['requests']} answered" + (f" ({failed})" if failed else ""))
+            if len(self.members) > 1:
+                lines.append(f"candidates combined by {self.combine}")
+        lines += [f"recovered: {r}" for r in self.recoveries]
         lines += [f"warning: {w}" for w in self.warnings]
         if self.error:
             lines.append(f"error: {self.error}")
@@ -129,89 +158,121 @@ def _peak_memory(report: Report) -> None:
         pass
 
 
-def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, loader=None) -> Report:
-    """Write ``args.output`` for ``args.test_csv``; returns the run report.
+class Finisher:
+    """A combined prediction -> the submitted text: suffix appended, trimmed to what the scorer reads."""
 
-    Raises InputError before writing anything for a test file that cannot be read at all, and after the
-    all-fallback file is written for a model or adapter that is missing or does not fit. Any other failure
-    leaves a complete submission (fallbacks where nothing was generated) and is recorded in ``report.error``.
+    def __init__(self, out: OutputArgs) -> None:
+        self.suffix = resolve_suffix(out)
+        self.count = self.limit = None
+        if out.embedder:
+            from .score import embedder_token_counter
+
+            self.count, self.limit = embedder_token_counter(out.embedder)
+
+    def __call__(self, text: str) -> str:
+        return fit_with_suffix(text, self.suffix, self.count, self.limit)
+
+
+def make_combiner(method: str, fallback: str, out: OutputArgs) -> Combiner:
+    embed = None
+    if method == MBR:
+        from .score import Embedder
+
+        embedder = Embedder(out.embedder)  # MBR under the metric: the scorer's embedder, or the stand-in
+        embed = embedder.embed
+    return Combiner(method, fallback, embed)
+
+
+def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, loader=None) -> Report:
+    """Write ``args.output`` for ``args.test_csv`` (a path or a DataFrame); returns the run report.
+
+    Raises InputError before writing anything for a test table that cannot be read at all, and after the
+    all-fallback file is written for a model, adapter or members spec that is missing or does not fit. Any
+    other failure leaves a complete submission (fallbacks where nothing was generated) in ``report.error``.
     """
     start = clock()
     table = read_test(args.test_csv)
     fallback = resolve_fallback(args.out)
-    suffix = resolve_suffix(args.out)
-    count = limit = None
-    if args.out.embedder:
-        from .score import embedder_token_counter
-
-        count, limit = embedder_token_counter(args.out.embedder)  # trim to what the scorer reads
-
-    def finish(text: str) -> str:
-        return fit_with_suffix(text, suffix, count, limit)
-
-    rows = table.rows
+    finish = Finisher(args.out)
+    rows = Rows(table.rows, fallback, args.output)
     n = len(rows)
-    ids = [r.id for r in rows]
     report = Report(rows=n, output=args.output, warnings=list(table.warnings))
     report.budget_s = args.budget.seconds(n)
     deadline = start + report.budget_s - args.budget.margin(n)
+    rows.write()  # a valid file exists before anything heavy can fail: from here on the output always scores
 
-    prompts: list[str] = [fallback] * n
-    sources: list[str] = [FALLBACK] * n
-    reasons: dict[int, str] = {}
-    # A valid file exists before anything heavy can fail: from here on the output always scores.
-    write_submission(args.output, ids, prompts)
+    members, method = resolve_members(args)
+    report.combine = method
+    report.members = [asdict(MemberReport(m.name, m.key, m.model, m.args.adapter)) for m in members]
+    combine = make_combiner(method, fallback, args.out) if len(members) > 1 or _samples(members) > 1 else None
+    names = [m.name for m in members]
 
-    checkpoint = Checkpoint(Checkpoint.path_for(args.output),
-                            input_fingerprint(ids, [(r.original_text, r.rewritten_text) for r in rows]))
-    done = checkpoint.load(ids) if args.resume else {}
-    checkpoint.start(keep=bool(done))
-    for i, (prompt, source) in done.items():
-        prompts[i], sources[i] = prompt, source
-    report.resumed = len(done)
+    def recombine(indices) -> None:
+        rows.recombine(indices, names, combine.many if combine else _first_of, finish)
 
-    todo: list[int] = []
-    rule_rows: list[tuple[int, str, str, str]] = []
-    for i, row in enumerate(rows):
-        if i in done:
-            continue
-        if not row.usable:
-            reasons[i] = "empty_text"  # nothing to read a prompt from: the mean prompt is the best guess
-        elif unchanged(row.original_text, row.rewritten_text):
-            prompts[i], sources[i] = UNCHANGED_PROMPT, RULE
-            rule_rows.append((i, row.id, UNCHANGED_PROMPT, RULE))
-        else:
-            todo.append(i)
-    if rule_rows:
-        checkpoint.append(rule_rows)
-    report.rule_based = len(rule_rows)
-    if done or rule_rows:
-        write_submission(args.output, ids, prompts)
+    for i, state in enumerate(rows.states):
+        if not state.row.usable:
+            rows.fall_back(i, "empty_text")  # nothing to read a prompt from: the mean prompt is the best guess
+        elif unchanged(state.row.original_text, state.row.rewritten_text):
+            rows.set_rule(i, UNCHANGED_PROMPT)
+    report.rule_based = rows.count(RULE)
+    report.resumed = rows.resume({m.key: m.name for m in members}) if args.resume else 0
+    rows.log.start(keep=args.resume)
+    recombine(range(n))
+    rows.write()
 
+    todo = [i for i in range(n) if rows[i].row.usable and rows[i].source != RULE]
     if todo:
-        try:
-            _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, finish, report,
-                      deadline, clock, loader)
-        except InputError:
-            raise
-        except Exception as exc:  # the fallback file is already in place; say what broke and keep it
-            log.exception("prediction failed; rows not yet generated keep the fallback prompt")
-            report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            for i in todo:
-                if sources[i] == FALLBACK:
-                    reasons.setdefault(i, f"error: {type(exc).__name__}")
-        write_submission(args.output, ids, prompts)
+        plan = groups(members)
+        for g, group in enumerate(plan):
+            left = deadline - clock()
+            group_deadline = clock() + max(0.0, left) * share_of(group, plan[g:])
+            try:
+                _serve_group(args, group, rows, todo, recombine, report, group_deadline, clock, loader)
+            except InputError:
+                raise
+            except Exception as exc:  # the file on disk is complete; this group's rows keep what others gave
+                log.exception("member group %s failed; its rows keep other members' answers or the fallback",
+                              [m.name for m in group])
+                report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                for i in todo:
+                    rows.fall_back(i, f"error: {type(exc).__name__}")
+            finally:
+                _release_memory()
+        rows.write()
 
-    report.generated = sum(1 for s in sources if s == MODEL) - sum(1 for _, s in done.values() if s == MODEL)
-    report.fallback = sum(1 for s in sources if s == FALLBACK)
-    report.fallback_reasons = dict(Counter(reasons[i] for i in range(n) if sources[i] == FALLBACK and i in reasons))
+    report.generated = rows.count(MODEL)
+    report.fallback = rows.count(FALLBACK)
+    report.fallback_reasons = rows.reasons()
     report.elapsed_s = clock() - start
     report.deadline_used = report.elapsed_s / report.budget_s if report.budget_s else 0.0
+    if report.generate_s > 0:
+        report.tokens_per_s = report.new_tokens / report.generate_s
+        report.rows_per_s = len(todo) / report.generate_s
     _peak_memory(report)
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(asdict(report), f, indent=2)
     return report
+
+
+def _first_of(rows_candidates):
+    return [c[0] if c else None for c in rows_candidates]
+
+
+def _samples(members) -> int:
+    return max((m.args.samples for m in members), default=1)
+
+
+def _release_memory() -> None:
+    # The group's model must be gone before the next group's model loads (two 7B models do not fit a T4).
+    gc.collect()
+    try:
+        from accelerate.utils.memory import clear_device_cache
+
+        clear_device_cache()
+    except ImportError:
+        pass
 
 
 def _load_before(load, model_args, seconds: float):
@@ -238,77 +299,149 @@ def _load_before(load, model_args, seconds: float):
     return box["value"]
 
 
-def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, finish, report, deadline,
-              clock, loader) -> None:
-    from . import model as model_lib
-    from .engine import Engine, newline_token_ids
-    from .prompt import TEMPLATE_FILE, PromptBuilder, Template
+@dataclass
+class _Job:
+    """One answer to make: a row, a member, a sample."""
 
+    row: int
+    member: Member
+    sample: int
+    adapter: str | None
+    prefix: str
+
+
+def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[int], recombine,
+                 report: Report, deadline: float, clock, loader) -> None:
+    """Load one model with every member's adapter, then serve all members' rows in one scheduler run."""
+    from . import model as model_lib
+    from .engine import Engine, Request
+    from .prompt import PromptBuilder, newline_token_ids
+
+    reports = {m["name"]: m for m in report.members}
+    jobs = {(i, m.rank, s): None for m in group for i in todo for s in range(m.args.samples)
+            if not rows.has(i, m.name, s)}
+    if not jobs:
+        return
+    for m in group:
+        reports[m.name]["requests"] = sum(1 for k in jobs if k[1] == m.rank)
     t = clock()
     if t >= deadline:
-        for i in todo:
-            reasons[i] = "deadline"
+        _miss(jobs, rows, reports, group, "deadline")
         return
-    loaded = _load_before(loader or model_lib.load, args.model, deadline - t)
-    report.load_s = clock() - t
+    model_args = dataclasses.replace(args.model, model=group[0].model, adapter=[m.args.adapter for m in group])
+    loaded = _load_before(loader or model_lib.load, model_args, deadline - t)
+    report.load_s += clock() - t
     if loaded is None:
-        log.warning("the model did not load before the deadline; every row keeps the fallback prompt")
-        for i in todo:
-            reasons[i] = "deadline"
+        log.warning("the model did not load before its deadline; its members' rows keep other answers or the "
+                    "fallback prompt")
+        _miss(jobs, rows, reports, group, "deadline")
         return
     report.model = {**loaded.identity, **loaded.info}
     tok = loaded.tokenizer
-
-    if args.prompt.template:
-        template = Template.load(args.prompt.template)
-    elif loaded.adapter and os.path.isfile(os.path.join(loaded.adapter, TEMPLATE_FILE)):
-        template = Template.load(loaded.adapter)  # the template the adapter was trained with
-    else:
-        template = Template()
-    template = template.with_prefix(args.prompt.answer_prefix)
-    report.template = asdict(template)
-    builder = PromptBuilder(tok, template, args.prompt.max_input_tokens)
-    token_prompts = {i: builder.build(rows[i].original_text, rows[i].rewritten_text) for i in todo}
-
+    by_rank = {m.rank: m for m in group}
+    requests = {}
+    for rank, m in by_rank.items():
+        j = group.index(m)
+        template = _template(args, m, loaded.adapter_paths[j])
+        reports[m.name]["adapter_type"] = loaded.kinds.get(loaded.adapter_names[j]) if loaded.adapter_names[j] else None
+        if rank == group[0].rank:
+            report.template = asdict(template)
+        builder = PromptBuilder(tok, template, args.prompt.max_input_tokens)
+        for key in [k for k in jobs if k[1] == rank]:
+            i, _, s = key
+            sampled = m.args.samples > 1
+            jobs[key] = _Job(i, m, s, loaded.adapter_names[j], template.answer_prefix)
+            requests[key] = Request(builder.build(rows[i].row.original_text, rows[i].row.rewritten_text),
+                                    adapter=loaded.adapter_names[j],
+                                    temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
+                                    seed=_seed(m.args.seed, i, s))
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     engine = Engine(loaded.model, tok.pad_token_id, eos, args.generation.max_new_tokens,
-                    stop_ids=newline_token_ids(tok))
+                    stop_ids=newline_token_ids(tok), served=loaded.served)
 
-    def on_batch(done: dict[int, Outcome]) -> None:
-        finished = []
-        for i, outcome in done.items():
+    def on_batch(done: dict[tuple, Outcome]) -> None:
+        entries = []
+        for key, outcome in done.items():
+            job = jobs[key]
+            name = job.member.name
             if outcome.tokens is None:
-                reasons[i] = outcome.reason or "unknown"
-                continue
-            text = clean(tok.decode(outcome.tokens, skip_special_tokens=True), template.answer_prefix,
-                         args.out.max_prompt_words)
+                _count(reports[name], outcome.reason)
+                rows.fall_back(job.row, outcome.reason or "unknown")
+                continue  # not logged: on --resume it is tried again
             report.new_tokens += len(outcome.tokens)
+            text = clean(tok.decode(outcome.tokens, skip_special_tokens=True), job.prefix,
+                         args.out.max_prompt_words)
             if text is None:
-                reasons[i] = "unusable_generation"  # junk or empty output: the mean prompt scores better
-                continue
-            prompts[i], sources[i] = finish(text), MODEL
-            finished.append((i, ids[i], prompts[i], MODEL))
-        write_submission(args.output, ids, prompts)
-        checkpoint.append(finished)
+                _count(reports[name], "unusable_generation")
+                rows.fall_back(job.row, "unusable_generation")  # junk: the mean prompt scores better
+            else:
+                reports[name]["answered"] += 1
+            rows.add(job.row, name, job.sample, text)
+            entries.append((job.row, job.member.key, name, job.sample, text))
+        rows.record(entries)
+        recombine({k[0] for k in done})
+        rows.write()
+
+    def recover(message: str) -> bool:
+        changed = model_lib.upcast(loaded)
+        if changed:
+            log.warning("non-finite logits (%s); switched to %s and retrying", message, changed)
+            report.recoveries.append(f"{message}: {changed}")
+            report.model.update(loaded.info)
+        return bool(changed)
 
     gen_start = clock()
     scheduler = Scheduler(
-        engine.generate,
+        engine.run,
         deadline=deadline,
         max_new_tokens=args.generation.max_new_tokens,
         max_batch_tokens=args.generation.max_batch_tokens,
         max_batch_size=args.generation.max_batch_size,
         budget_per_row=args.budget.budget_per_row,
+        length=engine.length,
         clock=clock,
         on_batch=on_batch,
+        recover=recover,
         progress=args.progress,
+        desc=" + ".join(m.name for m in group) if len(group) > 1 else "predict",
     )
-    scheduler.run(token_prompts)
-    report.generate_s = clock() - gen_start
+    # Every row's first (best-ranked) answer before anyone's second: if time runs short, rows lose extras.
+    scheduler.run(requests, tiers={k: (k[1], k[2]) for k in requests})
+    report.generate_s += clock() - gen_start
     stats = scheduler.stats.as_dict()
-    report.batches, report.oom_splits = stats["batches"], stats["oom_splits"]
-    if report.generate_s > 0:
-        report.tokens_per_s = report.new_tokens / report.generate_s
-        report.rows_per_s = len(todo) / report.generate_s
+    report.batches += stats["batches"]
+    report.oom_splits += stats["oom_splits"]
+    report.prompt_tokens += sum(b["rows"] * b["padded_len"] for b in stats["batches"] if b["status"] != "error")
+
+
+def _count(member_report: dict, reason: str | None) -> None:
+    failed = member_report["failed"]
+    failed[reason or "unknown"] = failed.get(reason or "unknown", 0) + 1
+
+
+def _miss(jobs, rows: Rows, reports: dict, group: list[Member], reason: str) -> None:
+    by_rank = {m.rank: m for m in group}
+    for i, rank, _ in jobs:
+        _count(reports[by_rank[rank].name], reason)
+        rows.fall_back(i, reason)
+
+
+def _seed(seed: int, row: int, sample: int) -> int:
+    # A stream per (member seed, row, sample): the same answers whatever batch a row lands in.
+    return (seed * 1_000_003 + row * 7_919 + sample) % (2**63)
+
+
+def _template(args: PredictArgs, member: Member, adapter_path: str | None):
+    from .prompt import TEMPLATE_FILE, Template
+
+    path = member.args.template or args.prompt.template
+    if path:
+        template = Template.load(path)
+    elif adapter_path and os.path.isfile(os.path.join(adapter_path, TEMPLATE_FILE)):
+        template = Template.load(adapter_path)  # the template the adapter was trained with
+    else:
+        template = Template()
+    prefix = member.args.answer_prefix if member.args.answer_prefix is not None else args.prompt.answer_prefix
+    return template.with_prefix(prefix)

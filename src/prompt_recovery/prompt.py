@@ -118,3 +118,12 @@ class PromptBuilder:
     def target(self, prompt: str) -> list[int]:
         """Token ids of a gold prompt as the answer to ``build`` (training labels), without EOS."""
         return self._encode(self.answer_sep + prompt.strip())
+
+
+def newline_token_ids(tokenizer) -> set[int]:
+    """Ids of every vocabulary token that contains a line break (byte-level, sentencepiece or plain)."""
+    ids = set()
+    for tok, i in tokenizer.get_vocab().items():
+        if "\n" in tok or "Ċ" in tok or tok == "<0x0A>":
+            ids.add(i)
+    return ids

@@ -96,11 +96,12 @@ def input_fingerprint(ids: Sequence[str], texts: Sequence[tuple[str, str]]) -> s
     return h.hexdigest()
 
 
-class Checkpoint:
-    """Append-only JSONL of finished rows beside the output, so ``--resume`` can skip them.
+class CandidateLog:
+    """Append-only JSONL beside the output: every candidate each member produced for each row.
 
-    The first line names the input (a hash of ids and texts); a checkpoint of another input is ignored.
-    A line cut short by a kill is skipped on reading.
+    It lets ``--resume`` skip what is done (a row's candidates of a member whose key is unchanged) and lets
+    combinations be re-scored without generating again. The first line names the input (a hash of ids and
+    texts); a log of another input is ignored. A line cut short by a kill is skipped on reading.
     """
 
     def __init__(self, path: str, fingerprint: str) -> None:
@@ -109,13 +110,12 @@ class Checkpoint:
 
     @staticmethod
     def path_for(output: str) -> str:
-        return output + ".checkpoint.jsonl"
+        return output + ".candidates.jsonl"
 
-    def load(self, ids: Sequence[str]) -> dict[int, tuple[str, str]]:
-        """Finished rows of this input: {row index: (prompt, source)}."""
+    def load(self, ids: Sequence[str]) -> list[dict]:
+        """Records of this input whose row index and id still agree: {row, id, member, name, sample, text}."""
         if not os.path.exists(self.path):
-            return {}
-        done: dict[int, tuple[str, str]] = {}
+            return []
         with open(self.path, encoding="utf-8") as f:
             lines = f.read().splitlines()
         try:
@@ -123,20 +123,24 @@ class Checkpoint:
         except json.JSONDecodeError:
             head = {}
         if head.get("input") != self.fingerprint:
-            log.warning("checkpoint %s belongs to another input; starting afresh", self.path)
-            return {}
+            log.warning("candidates file %s belongs to another input; starting afresh", self.path)
+            return []
+        records = []
         for line in lines[1:]:
             try:
                 rec = json.loads(line)
-                n, rid, prompt, source = rec["row"], rec["id"], rec["prompt"], rec["source"]
+                n, rid = rec["row"], rec["id"]
+                ok = isinstance(rec["member"], str) and isinstance(rec["sample"], int)
             except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line torn by a kill: that row is simply done again
-            if isinstance(n, int) and 0 <= n < len(ids) and ids[n] == rid and str(prompt).strip():
-                done[n] = (str(prompt), str(source))
-        return done
+                continue  # a line torn by a kill: that candidate is simply made again
+            text = rec.get("text")
+            fits = ok and isinstance(n, int) and 0 <= n < len(ids) and ids[n] == rid
+            if fits and (text is None or str(text).strip()):
+                records.append(rec)
+        return records
 
     def start(self, keep: bool) -> None:
-        """Begin a checkpoint, keeping the existing lines when resuming the same input."""
+        """Begin the log, keeping the existing lines when resuming the same input."""
         if keep and os.path.exists(self.path):
             return
         with open(self.path, "w", encoding="utf-8") as f:
@@ -144,12 +148,10 @@ class Checkpoint:
             f.flush()
             os.fsync(f.fileno())
 
-    def append(self, records: Sequence[tuple[int, str, str, str]]) -> None:
-        """Record finished rows: (row index, id, prompt, source)."""
+    def append(self, records: Sequence[dict]) -> None:
+        if not records:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(
-                json.dumps({"row": n, "id": rid, "prompt": prompt, "source": source}) + "\n"
-                for n, rid, prompt, source in records
-            )
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             f.flush()
             os.fsync(f.fileno())

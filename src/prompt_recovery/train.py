@@ -261,20 +261,22 @@ def train(args: TrainArgs) -> TrainResult:
 
 def _val_score(model, tokenizer, builder, val_rows, args) -> float:
     """Competition score of greedy predictions on the validation rows (stand-in embedder by default)."""
-    from .engine import Engine, newline_token_ids
+    from .adapters import from_peft
+    from .engine import Engine, Request
     from .meanprompt import BASELINE
     from .postprocess import clean
+    from .prompt import newline_token_ids
     from .score import Embedder, score_pairs
 
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
-    engine = Engine(model, tokenizer.pad_token_id, [tokenizer.eos_token_id], max_new_tokens=32,
-                    stop_ids=newline_token_ids(tokenizer))
+    served_model, served, name = from_peft(model)  # the adapter as predict will serve it
+    engine = Engine(served_model, tokenizer.pad_token_id, [tokenizer.eos_token_id], max_new_tokens=32,
+                    stop_ids=newline_token_ids(tokenizer), served=served)
     preds = []
     for k in range(0, len(val_rows), args.batch_size):
         chunk = val_rows[k:k + args.batch_size]
-        outs = engine.generate([builder.build(o, r) for o, r, _ in chunk])
+        outs = engine.generate([Request(builder.build(o, r), adapter=name) for o, r, _ in chunk])
         for out in outs:
             text = clean(tokenizer.decode(out, skip_special_tokens=True), builder.template.answer_prefix)
             preds.append(text or BASELINE)  # the scorer rejects blanks; so would Kaggle

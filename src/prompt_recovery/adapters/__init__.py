@@ -65,3 +65,22 @@ def attach(model, folders: Mapping[str, str], configs: Mapping[str, dict], *, qu
         else:
             served.lora = frozenset(loras)
     return Attached(model=model, served=served, kinds=kinds)
+
+
+def from_peft(peft_model) -> tuple[object, Served, str]:
+    """An in-memory PeftModel (as training holds it) as the engine serves it: (model, served, adapter name)."""
+    import torch
+
+    name = peft_model.active_adapter
+    kind = str(peft_model.active_peft_config.peft_type).split(".")[-1]
+    base = peft_model.get_base_model()
+    if kind in ("PROMPT_TUNING", "P_TUNING"):
+        with torch.no_grad():
+            vectors = peft_model.get_prompt_embedding_to_save(name)
+        weight = base.get_input_embeddings().weight
+        return base, Served(soft_prompts={name: vectors.to(device=weight.device, dtype=weight.dtype)}), name
+    if kind == "PREFIX_TUNING":
+        return base, Served(prefixes={name: prefix.from_peft(peft_model)}), name
+    if kind == "LORA":
+        return peft_model, Served(lora=frozenset([name])), name
+    raise InputError(f"{kind} adapters are not served; served methods: {', '.join(sorted(METHODS))}")

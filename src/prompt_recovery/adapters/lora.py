@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from peft import PeftModel
 
-from ..data import InputError
+from ..model import AdapterMismatch
 
 
 def load(model, folders: Mapping[str, str], merge: bool):
@@ -23,7 +23,7 @@ def load(model, folders: Mapping[str, str], merge: bool):
             else:
                 peft_model.load_adapter(folder, adapter_name=name, is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise InputError(f"LoRA adapter {folder} does not fit the model: {str(exc).splitlines()[0]}") from None
+            raise AdapterMismatch(f"LoRA adapter {folder} does not fit the model: {str(exc).splitlines()[0]}") from None
     peft_model.eval()
     if merge:
         return peft_model.merge_and_unload(), True

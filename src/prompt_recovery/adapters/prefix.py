@@ -17,10 +17,14 @@ from ..data import InputError
 def load(model, folder: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(keys, values)] per layer, each [1, kv heads, virtual tokens, head dim]."""
     # Prefix tuning adds no modules to the base model: the wrapper is dropped once the prefix is read.
-    wrapped = PeftModel.from_pretrained(model, folder, is_trainable=False)
+    return from_peft(PeftModel.from_pretrained(model, folder, is_trainable=False), folder)
+
+
+def from_peft(peft_model, where: str = "in memory") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The active prefix adapter's keys and values, as peft itself would put them in the cache."""
     with torch.inference_mode():
-        cache = wrapped.get_prompt(batch_size=1, max_cache_len=wrapped.active_peft_config.num_virtual_tokens)
+        cache = peft_model.get_prompt(batch_size=1, max_cache_len=peft_model.active_peft_config.num_virtual_tokens)
     layers = getattr(cache, "layers", None)
     if layers is None or not all(getattr(layer, "is_initialized", False) for layer in layers):
-        raise InputError(f"prefix adapter {folder}: not every layer of this model gets a prefix; not served")
+        raise InputError(f"prefix adapter {where}: not every layer of this model gets a prefix; not served")
     return [(layer.keys.clone(), layer.values.clone()) for layer in layers]

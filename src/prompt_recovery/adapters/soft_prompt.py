@@ -11,6 +11,7 @@ import torch
 from peft.utils import load_peft_weights
 
 from ..data import InputError
+from ..model import AdapterMismatch
 
 
 def load(model, folder: str) -> torch.Tensor:
@@ -21,6 +22,6 @@ def load(model, folder: str) -> torch.Tensor:
     if vectors is None or vectors.dim() != 2:
         raise InputError(f"adapter {folder} holds no prompt_embeddings [virtual tokens, hidden]")
     if vectors.shape[1] != embedding.shape[1]:
-        raise InputError(f"adapter {folder} has soft prompts of width {vectors.shape[1]}; "
+        raise AdapterMismatch(f"adapter {folder} has soft prompts of width {vectors.shape[1]}; "
                          f"the model's embeddings are {embedding.shape[1]} wide")
     return vectors.to(device=embedding.device, dtype=embedding.dtype)
