@@ -77,7 +77,8 @@ def base(request, tok):
 
 def texts(n=6, seed=0):
     rng = random.Random(seed)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "make", "it", "formal", "poem", "pirate", "text", "rewrite"]
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "make", "it", "formal", "poem",
+             "pirate", "text", "rewrite"]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(2, 14))) for _ in range(n)]
 
 
