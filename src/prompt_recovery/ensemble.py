@@ -95,6 +95,7 @@ def resolve_members(args: PredictArgs) -> tuple[list[Member], str]:
     taken: set[str] = set()
     for rank, spec in enumerate(specs):
         spec = MemberArgs(**{**asdict(spec), "model": spec.model or args.model.model})
+        _check_paths(spec)
         name = spec.name or _default_name(spec.adapter)
         base, k = name, 2
         while name in taken:  # two members on the same adapter (say greedy and sampled) need two names
@@ -102,6 +103,16 @@ def resolve_members(args: PredictArgs) -> tuple[list[Member], str]:
         taken.add(name)
         members.append(Member(spec, name, _key(name, spec, args), rank))
     return members, combine
+
+
+def _check_paths(spec: MemberArgs) -> None:
+    # Checked before anything runs: a typo in the second member must not cost the first member's hour.
+    if spec.model is not None and not os.path.exists(os.path.expanduser(spec.model)):
+        raise InputError(f"model not found: {spec.model} (give an HF model folder or a .gguf file)")
+    if spec.adapter not in ("auto", "none") and not os.path.isdir(spec.adapter):
+        raise InputError(f"adapter folder not found: {spec.adapter}")
+    if spec.template is not None and not os.path.isfile(spec.template):
+        raise InputError(f"template file not found: {spec.template}")
 
 
 def _default_name(adapter: str) -> str:

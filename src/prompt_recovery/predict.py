@@ -359,7 +359,7 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
     gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     engine = Engine(loaded.model, tok.pad_token_id, eos, args.generation.max_new_tokens,
-                    stop_ids=newline_token_ids(tok), served=loaded.served)
+                    stop_ids=newline_token_ids(tok), served=loaded.served, clock=clock)
 
     def on_batch(done: dict[tuple, Outcome]) -> None:
         entries = []
