@@ -99,6 +99,15 @@ def test_bom_crlf_quoted_newlines_extra_and_reordered_columns(run, tmp_path):
     assert_valid_submission(out, ["001", "002"])
 
 
+def test_blank_lines_are_no_rows_and_a_line_of_commas_is_one(run, tmp_path):
+    text = "id,original_text,rewritten_text\r\n\r\n1,a b,c d\r\n\r\n   \r\n,,\r\n2,e f,g h\r\n\r\n\r\n"
+    code, out, err = run(write(tmp_path / "t.csv", text))
+    assert code == 0, err
+    prompts = assert_valid_submission(out, ["1", "", "2"])
+    assert prompts[1] == shipped_text("mean_prompt.txt")  # the empty row is answered, with the fallback
+    assert "5 blank line(s)" in err and "1 row(s) have a blank id" in err
+
+
 def test_latin1_is_read_with_warning(run, tmp_path):
     text = "id,original_text,rewritten_text\n1,café au lait,Caffè!\n"
     code, out, err = run(write(tmp_path / "t.csv", text, "latin-1"))
