@@ -165,6 +165,15 @@ def test_bad_option_values_are_one_line_errors(run, tmp_path):
     assert code == 2 and "blank" in err
 
 
+def test_a_template_too_long_for_max_input_tokens_is_one_line_exit_2(run, tmp_path):
+    ids = write_test_csv(tmp_path / "t.csv", n=2)
+    code, out, err = run(tmp_path / "t.csv", "--max-input-tokens", "64")  # the template alone takes ~50
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "leaves no room for the texts" in err and "--max-input-tokens" in err
+    assert_valid_submission(out, ids)  # the fallback file written before the model loaded stays
+
+
 def test_missing_model_is_exit_2_with_fallback_file_in_place(tmp_path, capsys):
     ids = write_test_csv(tmp_path / "t.csv", n=3)
     out = tmp_path / "s.csv"

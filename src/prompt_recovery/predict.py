@@ -241,8 +241,8 @@ def _load_before(load, model_args, seconds: float):
 def _generate(args, rows, todo, prompts, sources, reasons, ids, checkpoint, finish, report, deadline,
               clock, loader) -> None:
     from . import model as model_lib
-    from .engine import Engine, newline_token_ids
-    from .prompt import TEMPLATE_FILE, PromptBuilder, Template
+    from .engine import Engine
+    from .prompt import TEMPLATE_FILE, PromptBuilder, Template, newline_token_ids
 
     t = clock()
     if t >= deadline:

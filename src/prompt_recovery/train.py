@@ -261,9 +261,10 @@ def train(args: TrainArgs) -> TrainResult:
 
 def _val_score(model, tokenizer, builder, val_rows, args) -> float:
     """Competition score of greedy predictions on the validation rows (stand-in embedder by default)."""
-    from .engine import Engine, newline_token_ids
+    from .engine import Engine
     from .meanprompt import BASELINE
     from .postprocess import clean
+    from .prompt import newline_token_ids
     from .score import Embedder, score_pairs
 
     was_training = model.training
