@@ -150,11 +150,23 @@ def test_fallback_prompt_file_and_suffix(run, tmp_path):
     (tmp_path / "fb.txt").write_text("Improve the text to this.\n")
     (tmp_path / "suffix.txt").write_text("  Make it lucid.  ")
     write_test_csv(tmp_path / "t.csv", n=3)
-    code, out, _err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
+    code, out, err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
                          "--suffix-file", str(tmp_path / "suffix.txt"), "--max-new-tokens", "4")
-    assert code == 0
-    for p in assert_valid_submission(out, ["0000", "0001", "0002"]):
-        assert p == "Improve the text to this." or p.endswith(" Make it lucid.")
+    assert code == 0, err
+    prompts = assert_valid_submission(out, ["0000", "0001", "0002"])
+    # The tiny model (fixed seed) answers every row within the default budget: a run where rows fell back
+    # would show nothing about the suffix, so it fails here instead of passing vacuously.
+    assert report(tmp_path)["generated"] == 3 and report(tmp_path)["fallback"] == 0
+    for p in prompts:
+        assert p != "Improve the text to this."
+        assert p.startswith("Rewrite this text ") and len(p) > len("Rewrite this text  Make it lucid.")
+        assert p.endswith(" Make it lucid.") and p.count("Make it lucid.") == 1  # appended once, normalised
+    # The fallback file's prompt is the one rows get when the model is not run at all.
+    code, out, err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
+                         "--suffix-file", str(tmp_path / "suffix.txt"), "--time-limit", "0.001",
+                         "--safety-margin", "0")
+    assert code == 0, err
+    assert assert_valid_submission(out, ["0000", "0001", "0002"]) == ["Improve the text to this."] * 3
 
 
 def test_bad_option_values_are_one_line_errors(run, tmp_path):
