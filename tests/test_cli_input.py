@@ -186,6 +186,21 @@ def test_a_template_too_long_for_max_input_tokens_is_one_line_exit_2(run, tmp_pa
     assert_valid_submission(out, ids)  # the fallback file written before the model loaded stays
 
 
+def test_a_sentencepiece_style_model_without_a_pad_token_generates_every_row(tmp_path, capsys):
+    from conftest import make_metaspace_tokenizer, make_model
+
+    tok = make_metaspace_tokenizer()  # Llama 2 / Mistral style: Metaspace, byte fallback, no pad token
+    make_model(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    ids = write_test_csv(tmp_path / "t.csv", n=4)
+    out = tmp_path / "s.csv"
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(out), "--model", str(tmp_path / "model"),
+                 "--adapter", "none", "--no-progress", "--max-new-tokens", "6", "--report", str(tmp_path / "report.json")])
+    assert code == 0, capsys.readouterr().err
+    assert_valid_submission(out, ids)
+    assert report(tmp_path)["generated"] == 4
+
+
 def test_missing_model_is_exit_2_with_fallback_file_in_place(tmp_path, capsys):
     ids = write_test_csv(tmp_path / "t.csv", n=3)
     out = tmp_path / "s.csv"
