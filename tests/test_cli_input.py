@@ -195,7 +195,8 @@ def test_a_sentencepiece_style_model_without_a_pad_token_generates_every_row(tmp
     ids = write_test_csv(tmp_path / "t.csv", n=4)
     out = tmp_path / "s.csv"
     code = main(["predict", str(tmp_path / "t.csv"), "-o", str(out), "--model", str(tmp_path / "model"),
-                 "--adapter", "none", "--no-progress", "--max-new-tokens", "6", "--report", str(tmp_path / "report.json")])
+                 "--adapter", "none", "--no-progress", "--max-new-tokens", "6",
+                 "--report", str(tmp_path / "report.json")])
     assert code == 0, capsys.readouterr().err
     assert_valid_submission(out, ids)
     assert report(tmp_path)["generated"] == 4

@@ -49,6 +49,14 @@ def test_library_warnings_go_to_the_log_file_and_input_warnings_to_the_terminal(
         assert said in log
 
 
+def test_a_run_with_nothing_hidden_names_no_log_file(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("id,original_text,rewritten_text\n\n")  # a header and a blank line
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(tmp_path / "s.csv"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0 and "1 blank line(s)" in err  # the user's input problem is on the terminal
+    assert "library warnings" not in err
+
+
 def test_a_real_run_with_a_soft_prompt_keeps_peft_and_transformers_off_the_terminal(tiny_model_dir, tmp_path):
     from test_model import make_adapter
 

@@ -86,12 +86,16 @@ def build(cls: type, ns: argparse.Namespace):
 
 
 class _FileHandler(logging.FileHandler):
-    """The run's log file, opened only when something is written to it (so a quiet run leaves none)."""
+    """The run's log file, opened only when something is written to it (so a quiet run leaves none).
 
-    used = False
+    ``hidden`` tells whether it holds a warning or a traceback that the terminal did not show.
+    """
+
+    hidden = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.used = True
+        if record.exc_info or (record.levelno >= logging.WARNING and not _ours(record)):
+            self.hidden = True
         super().emit(record)
 
 
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(__name__).debug("internal error", exc_info=True)
             print(f"prompt-recovery {ns.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
-        if log_file is not None and log_file.used:
+        if log_file is not None and log_file.hidden:
             print(f"library warnings and details: {log_file.baseFilename}", file=sys.stderr)
         return code
 
