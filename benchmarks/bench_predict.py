@@ -50,8 +50,8 @@ def _variant(name, opts, queue):
     import torch
 
     from prompt_recovery.data import read_test
-    from prompt_recovery.engine import Engine, newline_token_ids
-    from prompt_recovery.prompt import PromptBuilder, Template
+    from prompt_recovery.engine import Engine
+    from prompt_recovery.prompt import PromptBuilder, Template, newline_token_ids
     from prompt_recovery.scheduler import Scheduler
 
     torch.set_num_threads(opts["threads"])

@@ -48,16 +48,24 @@ except OSError as exc:
     print(f"no bundled mean prompt ({exc}); using the built-in one")
 
 
+def is_blank_line(fields):
+    # The package's rule (prompt_recovery.data): a white-space line is no row; a line of only commas is one.
+    return not fields or (len(fields) == 1 and not fields[0].strip())
+
+
 def read_test_ids(path):
     for encoding in ("utf-8-sig", "latin-1"):
         try:
             with open(path, newline="", encoding=encoding) as f:
-                reader = csv.reader(f)
-                header = [h.strip() for h in next(reader)]
-                col = header.index("id")
-                return [(row + [""] * len(header))[col] for row in reader]
+                lines = [row for row in csv.reader(f)]
         except UnicodeDecodeError:
             continue
+        kept = [row for row in lines if not is_blank_line(row)]
+        if len(kept) < len(lines):
+            print(f"warning: {len(lines) - len(kept)} blank line(s) of {path} skipped; they are no rows")
+        header = [h.strip() for h in kept[0]]
+        col = header.index("id")
+        return [(row + [""] * len(header))[col] for row in kept[1:]]
     raise ValueError(f"cannot decode {path}")
 
 

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny Llama and a byte-level BPE tokenizer built in-process, saved as an HF folder."""
+"""Shared fixtures: a tiny Llama and two tokenizers built in-process (byte-level BPE as in GPT-2 / Llama 3,
+and Metaspace BPE with byte fallback as in Llama 2 / Mistral), saved as an HF folder."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,6 +39,34 @@ def make_tokenizer():
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
         padding_side="left",
     )
+
+
+# Words the Metaspace vocabulary learns as well: the Maltese letter Ċ (U+010A), which a byte-level
+# vocabulary spells its newline with, must be an ordinary letter here.
+MALTESE = ["Il-Ċirku Ċentrali", "Ċaw ċaw, Ċikku!"]
+
+
+def make_metaspace_tokenizer():
+    """A sentencepiece-style tokenizer as transformers 5 builds Llama 2's and Mistral's.
+
+    ``LlamaTokenizer(vocab, merges)`` itself makes the backend: BPE with byte fallback, a Metaspace
+    pre-tokenizer that prepends "▁" to the first piece only (legacy=False) and does not split on it, so
+    pieces tokenized one by one would each get a "▁" that the whole text does not have. The vocabulary
+    holds the 256 byte tokens and learns no "\n", so a line break is "<0x0A>" as in Llama 2; it has no
+    pad token, like Llama 2.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # Trained with splits at "▁" so that no merge crosses a word, as sentencepiece trains.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.train_from_iterator([c.replace("\n", " ") for c in CORPUS + MALTESE] * 4, trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True, padding_side="left")
 
 
 def make_model(tokenizer, hidden_size: int = 16, seed: int = 0):

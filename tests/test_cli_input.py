@@ -99,6 +99,15 @@ def test_bom_crlf_quoted_newlines_extra_and_reordered_columns(run, tmp_path):
     assert_valid_submission(out, ["001", "002"])
 
 
+def test_blank_lines_are_no_rows_and_a_line_of_commas_is_one(run, tmp_path):
+    text = "id,original_text,rewritten_text\r\n\r\n1,a b,c d\r\n\r\n   \r\n,,\r\n2,e f,g h\r\n\r\n\r\n"
+    code, out, err = run(write(tmp_path / "t.csv", text))
+    assert code == 0, err
+    prompts = assert_valid_submission(out, ["1", "", "2"])
+    assert prompts[1] == shipped_text("mean_prompt.txt")  # the empty row is answered, with the fallback
+    assert "5 blank line(s)" in err and "1 row(s) have a blank id" in err
+
+
 def test_latin1_is_read_with_warning(run, tmp_path):
     text = "id,original_text,rewritten_text\n1,café au lait,Caffè!\n"
     code, out, err = run(write(tmp_path / "t.csv", text, "latin-1"))
@@ -141,11 +150,23 @@ def test_fallback_prompt_file_and_suffix(run, tmp_path):
     (tmp_path / "fb.txt").write_text("Improve the text to this.\n")
     (tmp_path / "suffix.txt").write_text("  Make it lucid.  ")
     write_test_csv(tmp_path / "t.csv", n=3)
-    code, out, _err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
+    code, out, err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
                          "--suffix-file", str(tmp_path / "suffix.txt"), "--max-new-tokens", "4")
-    assert code == 0
-    for p in assert_valid_submission(out, ["0000", "0001", "0002"]):
-        assert p == "Improve the text to this." or p.endswith(" Make it lucid.")
+    assert code == 0, err
+    prompts = assert_valid_submission(out, ["0000", "0001", "0002"])
+    # The tiny model (fixed seed) answers every row within the default budget: a run where rows fell back
+    # would show nothing about the suffix, so it fails here instead of passing vacuously.
+    assert report(tmp_path)["generated"] == 3 and report(tmp_path)["fallback"] == 0
+    for p in prompts:
+        assert p != "Improve the text to this."
+        assert p.startswith("Rewrite this text ") and len(p) > len("Rewrite this text  Make it lucid.")
+        assert p.endswith(" Make it lucid.") and p.count("Make it lucid.") == 1  # appended once, normalised
+    # The fallback file's prompt is the one rows get when the model is not run at all.
+    code, out, err = run(tmp_path / "t.csv", "--fallback-prompt-file", str(tmp_path / "fb.txt"),
+                         "--suffix-file", str(tmp_path / "suffix.txt"), "--time-limit", "0.001",
+                         "--safety-margin", "0")
+    assert code == 0, err
+    assert assert_valid_submission(out, ["0000", "0001", "0002"]) == ["Improve the text to this."] * 3
 
 
 def test_bad_option_values_are_one_line_errors(run, tmp_path):
@@ -154,6 +175,31 @@ def test_bad_option_values_are_one_line_errors(run, tmp_path):
     assert code == 2 and "budget_per_row" in err and not out.exists()
     code, out, err = run(tmp_path / "t.csv", "--fallback-prompt", "   ")
     assert code == 2 and "blank" in err
+
+
+def test_a_template_too_long_for_max_input_tokens_is_one_line_exit_2(run, tmp_path):
+    ids = write_test_csv(tmp_path / "t.csv", n=2)
+    code, out, err = run(tmp_path / "t.csv", "--max-input-tokens", "64")  # the template alone takes ~50
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "leaves no room for the texts" in err and "--max-input-tokens" in err
+    assert_valid_submission(out, ids)  # the fallback file written before the model loaded stays
+
+
+def test_a_sentencepiece_style_model_without_a_pad_token_generates_every_row(tmp_path, capsys):
+    from conftest import make_metaspace_tokenizer, make_model
+
+    tok = make_metaspace_tokenizer()  # Llama 2 / Mistral style: Metaspace, byte fallback, no pad token
+    make_model(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    ids = write_test_csv(tmp_path / "t.csv", n=4)
+    out = tmp_path / "s.csv"
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(out), "--model", str(tmp_path / "model"),
+                 "--adapter", "none", "--no-progress", "--max-new-tokens", "6",
+                 "--report", str(tmp_path / "report.json")])
+    assert code == 0, capsys.readouterr().err
+    assert_valid_submission(out, ids)
+    assert report(tmp_path)["generated"] == 4
 
 
 def test_missing_model_is_exit_2_with_fallback_file_in_place(tmp_path, capsys):

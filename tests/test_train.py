@@ -92,6 +92,29 @@ def test_loss_is_on_the_prompt_tokens_only(tiny_model_dir):
     assert len(item["labels"]) == len(item["input_ids"])
 
 
+def test_the_collator_pads_on_the_right_with_ignored_labels_whatever_side_the_tokenizer_pads():
+    from conftest import make_tokenizer
+
+    from prompt_recovery.train import Collator, RecoveryDataset
+
+    tok = make_tokenizer()
+    assert tok.padding_side == "left"  # as generation sets it
+    builder = PromptBuilder(tok, Template(answer_prefix=""), 256)
+    rows = [("Short.", "Tiny.", "Make it formal."), ("A much longer original text, with more words in it.",
+                                                     "And a longer rewritten text too!", "Write it as a pirate.")]
+    ds = RecoveryDataset(rows, builder, tok.eos_token_id)
+    collator = Collator(tok)
+    batch = collator([ds[1], ds[0]])
+    width = batch["input_ids"].shape[1]
+    for n, item in enumerate([ds[1], ds[0]]):
+        k = len(item["input_ids"])
+        assert batch["input_ids"][n, :k].tolist() == item["input_ids"]
+        assert batch["labels"][n, :k].tolist() == item["labels"]
+        assert batch["input_ids"][n, k:].eq(tok.pad_token_id).all() and batch["labels"][n, k:].eq(-100).all()
+        assert batch["attention_mask"][n].tolist() == [1] * k + [0] * (width - k)
+    assert collator.seen == [1, 0] and tok.padding_side == "left"  # the shared tokenizer is left as it was
+
+
 def test_epochs_are_reshuffled_and_the_seed_repeats_them(tiny_model_dir, tmp_path):
     def order(seed, sub):
         (tmp_path / sub).mkdir()

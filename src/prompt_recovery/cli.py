@@ -7,8 +7,10 @@ error after a valid fallback submission was written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -83,16 +85,87 @@ def build(cls: type, ns: argparse.Namespace):
     return cls(**kwargs)
 
 
-def _quiet_libraries() -> None:
-    # Weight-loading bars from transformers would bury the one-line messages this CLI promises.
-    try:
-        from transformers.utils import logging as hf_logging
+class _FileHandler(logging.FileHandler):
+    """The run's log file, opened only when something is written to it (so a quiet run leaves none).
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    ``hidden`` tells whether it holds a warning or a traceback that the terminal did not show.
+    """
+
+    hidden = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or (record.levelno >= logging.WARNING and not _ours(record)):
+            self.hidden = True
+        super().emit(record)
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name == "prompt_recovery" or record.name.startswith("prompt_recovery.")
+
+
+class _OneLine(logging.Formatter):
+    """One line a message on the terminal: a traceback goes to the log file only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
+
+
+def log_path(args) -> str | None:
+    """Where a command's library warnings and details go: beside its output (OUTPUT.log), if it has one."""
+    output = getattr(args, "output", None)
+    return os.path.normpath(output) + ".log" if output else None
+
+
+@contextlib.contextmanager
+def _logging(path: str | None, verbose: bool):
+    """The terminal gets this package's warnings (about the user's input and options, which the user can act
+    on), progress and summaries; libraries' warnings (transformers, peft, torch ``warnings.warn``, their
+    logging) and this package's details go to ``path``. With --verbose everything goes to the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    root, ours = logging.getLogger(), logging.getLogger("prompt_recovery")
+    saved = root.level, ours.level, hf_logging.get_verbosity()
+    terminal = logging.StreamHandler(sys.stderr)
+    if verbose:
+        terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        terminal.setLevel(logging.WARNING)
+        terminal.addFilter(_ours)
+        terminal.setFormatter(_OneLine())
+    handlers: list[logging.Handler] = [terminal]
+    file = None
+    if path and not verbose:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            file = _FileHandler(path, mode="w", encoding="utf-8", delay=True)
+        except OSError:
+            file = None  # an unwritable folder: the run goes on, library messages are dropped
+        else:
+            file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handlers.append(file)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.setLevel(logging.DEBUG)
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the file, not the terminal
+    # transformers logs through its own stderr handler and does not propagate: hand its records to ours.
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        hf_logging.disable_progress_bar()  # weight-loading bars would bury the lines this CLI promises
+    try:
+        yield file
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        logging.captureWarnings(False)
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
+        hf_logging.set_verbosity(saved[2])
+        root.setLevel(saved[0])
+        ours.setLevel(saved[1])
 
 
 def run_predict(args: PredictArgs) -> int:
@@ -178,25 +251,29 @@ def main(argv: list[str] | None = None) -> int:
         add_dataclass_args(sub.add_parser(name, help=help_text, description=help_text), cls, positional,
                            SKIP.get(name, frozenset()))
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not ns.verbose:
-        _quiet_libraries()
     cls, _, entry, _ = COMMANDS[ns.command]
     try:
         args = build(cls, ns)
-        return entry(args)
     except (InputError, ValueError) as exc:
-        # Bad input is the user's to fix: one line, no traceback.
         print(f"prompt-recovery {ns.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"prompt-recovery {ns.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        logging.getLogger(__name__).debug("internal error", exc_info=True)
-        print(f"prompt-recovery {ns.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    with _logging(log_path(args), ns.verbose) as log_file:
+        try:
+            code = entry(args)
+        except (InputError, ValueError) as exc:
+            # Bad input is the user's to fix: one line, no traceback.
+            print(f"prompt-recovery {ns.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"prompt-recovery {ns.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            logging.getLogger(__name__).debug("internal error", exc_info=True)
+            print(f"prompt-recovery {ns.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = 1
+        if log_file is not None and log_file.hidden:
+            print(f"library warnings and details: {log_file.baseFilename}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Read competition tables: ids and texts as strings, input order kept, bad input made explicit.
 
 Every problem that still leaves rows to answer becomes a warning and a documented fallback; only a file
-that cannot be read at all, or one without an ``id`` column, is an ``InputError`` (exit 2).
+that cannot be read at all, or one without an ``id`` column, is an ``InputError`` (exit 2). A table is a
+CSV path or a pandas DataFrame (what a notebook holds); both give the same strings and the same warnings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +47,62 @@ class Table:
     encoding: str
 
 
-def _read_rows(path: str, encoding: str) -> tuple[list[str], list[list[str]]]:
+Source = Union[str, "os.PathLike[str]", "pd.DataFrame"]
+
+
+def is_blank_line(fields: list[str]) -> bool:
+    """A line with nothing but white space: csv yields [] (or one blank field) for it.
+
+    It is no row (pandas skips it too); a line of only commas (",,") has every field and is a row with
+    empty cells, kept like any other so that no row of the input is ever lost.
+    """
+    return not fields or (len(fields) == 1 and not fields[0].strip())
+
+
+def _read_rows(path: str, encoding: str) -> tuple[list[str], list[list[str]], int]:
+    """(header, lines, blank lines skipped); blank lines before the header are skipped too."""
     with open(path, newline="", encoding=encoding) as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise InputError(f"cannot read {path}: the file is empty (not even a header)")
-        return header, list(reader)
+        lines, blank = [], 0
+        for line in csv.reader(f):
+            if is_blank_line(line):
+                blank += 1
+            else:
+                lines.append(line)
+    if not lines:
+        raise InputError(f"cannot read {path}: the file is empty (not even a header)")
+    return lines[0], lines[1:], blank
 
 
-def read_table(path: str, required: tuple[str, ...] = ("id",), optional: tuple[str, ...] = TEXT_COLUMNS):
-    """Read a CSV as strings into {column: values}. Returns (columns, n_rows, warnings, encoding).
+def _cell(value) -> str:
+    """A DataFrame cell as the string it shows: missing values (NaN, None, NA, NaT) are empty."""
+    if isinstance(value, str):
+        return value
+    import pandas as pd
+
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return ""
+    return str(value)
+
+
+def _frame_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    header = [_cell(c) for c in frame.columns]
+    # itertuples, not iterrows: iterrows upcasts a row of mixed dtypes and 7 would come back as "7.0".
+    lines = [[_cell(v) for v in row] for row in frame.itertuples(index=False, name=None)]
+    return header, lines
+
+
+def read_table(source: Source, required: tuple[str, ...] = ("id",), optional: tuple[str, ...] = TEXT_COLUMNS):
+    """Read a CSV (or a DataFrame) as strings into {column: values}. Returns (table, n_rows, warnings, encoding).
 
     The csv module, not pandas: every cell stays the exact string it was (ids "007" or "1e5", texts
-    "NaN"), quoted newlines and CRLF work, and a malformed line never silently drops its row.
+    "NaN"), quoted newlines and CRLF work, and a malformed line never silently drops its row. Blank lines
+    are skipped with a warning. A DataFrame's cells are read as their strings (missing values as ""):
+    what it holds was decided when it was built, so read it with ``dtype=str, keep_default_na=False``
+    to keep "007" and "NaN".
     """
+    if not isinstance(source, (str, os.PathLike)):
+        return _read_frame(source, required, optional)
+    path = os.fspath(source)
     if not os.path.isfile(path):
         raise InputError(f"cannot read {path}: no such file")
     # The default 128 KiB field limit would reject a long text; truncation by tokens happens later.
@@ -65,13 +111,30 @@ def read_table(path: str, required: tuple[str, ...] = ("id",), optional: tuple[s
     encoding = "utf-8-sig"  # utf-8-sig also strips a BOM, which would otherwise rename the id column
     try:
         try:
-            header, lines = _read_rows(path, encoding)
+            header, lines, blank = _read_rows(path, encoding)
         except UnicodeDecodeError:
             encoding = "latin-1"
             warnings.append(f"{path} is not UTF-8; read as latin-1, some characters may be wrong")
-            header, lines = _read_rows(path, encoding)
+            header, lines, blank = _read_rows(path, encoding)
     except (csv.Error, OSError) as exc:
         raise InputError(f"cannot read {path}: {str(exc).strip() or type(exc).__name__}") from None
+    if blank:
+        warnings.append(f"{blank} blank line(s) of {path} skipped; they are no rows")
+    return _columns(path, header, lines, warnings, required, optional) + (encoding,)
+
+
+def _read_frame(frame, required, optional):
+    import pandas as pd  # only here: a CSV run need not pay for importing pandas
+
+    if not isinstance(frame, pd.DataFrame):
+        raise InputError(f"cannot read a {type(frame).__name__}: give a CSV path or a pandas DataFrame")
+    header, lines = _frame_rows(frame)
+    return _columns("the DataFrame", header, lines, [], required, optional) + ("DataFrame",)
+
+
+def _columns(path: str, header: list[str], lines: list[list[str]], warnings: list[str],
+             required: tuple[str, ...], optional: tuple[str, ...]):
+    """(table, n_rows, warnings) from a header and its lines; ``path`` says where they came from."""
     header = [h.strip() for h in header]
     for col in required:
         if col not in header:
@@ -88,11 +151,11 @@ def read_table(path: str, required: tuple[str, ...] = ("id",), optional: tuple[s
         if col not in table:
             warnings.append(f"{path} has no '{col}' column: every row gets the fallback prompt")
             table[col] = [""] * len(lines)
-    return table, len(lines), warnings, encoding
+    return table, len(lines), warnings
 
 
-def read_test(path: str) -> Table:
-    """Read a test table (id, original_text, rewritten_text) in input order."""
+def read_test(path: Source) -> Table:
+    """Read a test table (id, original_text, rewritten_text), a CSV path or a DataFrame, in input order."""
     table, _, warnings, encoding = read_table(path)
     rows = [
         Row(i, o[:MAX_CELL_CHARS], r[:MAX_CELL_CHARS])

@@ -59,6 +59,8 @@ def write_submission(path: str, ids: Sequence[str], prompts: Sequence[str]) -> N
         raise SubmissionError(f"{len(ids)} ids but {len(prompts)} prompts")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    if (folder, os.path.basename(path)) not in _swept:
+        _sweep_stale_temps(folder, os.path.basename(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -72,6 +74,42 @@ def write_submission(path: str, ids: Sequence[str], prompts: Sequence[str]) -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(folder)
+
+
+_swept: set[tuple[str, str]] = set()
+
+
+def _sweep_stale_temps(folder: str, base: str) -> None:
+    """Remove the temporary files that runs killed during a write left beside this output.
+
+    A process killed by SIGKILL cannot remove its own, and each run names its own by pid, so they would
+    pile up for ever; one whose process is still alive (another run writing now) is kept.
+    """
+    _swept.add((folder, base))
+    if os.name != "posix":
+        return  # os.kill(pid, 0) probes a process only on POSIX (on Windows it would end it)
+    prefix = f".{base}.tmp-"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass  # gone already, or not ours to remove: it is never the output either way
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process holds that pid
+    return True
 
 
 def _fsync_dir(folder: str) -> None:

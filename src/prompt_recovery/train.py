@@ -9,6 +9,7 @@ the last checkpoint. The output folder is what predict loads as it is.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -65,24 +66,22 @@ class RecoveryDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right-pads a batch; labels are -100 on padding. Records the rows it saw, in order."""
+    """transformers' ``DataCollatorForSeq2Seq`` (labels padded with -100), on the right; records the rows it
+    saw, in order (the only reason for this wrapper: the order is what the reshuffle test observes)."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, tokenizer) -> None:
+        from transformers import DataCollatorForSeq2Seq
+
+        # Its own copy: the collator pads on the tokenizer's side, and generation (_val_score) sets the
+        # shared tokenizer to the left; training pads on the right so that positions start at 0.
+        right = copy.copy(tokenizer)
+        right.padding_side = "right"
+        self.pad = DataCollatorForSeq2Seq(right, label_pad_token_id=-100, return_tensors="pt")
         self.seen: list[int] = []
 
     def __call__(self, batch: list[dict]) -> dict:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for n, b in enumerate(batch):
-            k = len(b["input_ids"])
-            ids[n, :k] = torch.tensor(b["input_ids"])
-            labels[n, :k] = torch.tensor(b["labels"])
-            mask[n, :k] = 1
-            self.seen.append(b["row"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        self.seen.extend(b["row"] for b in batch)
+        return self.pad([{k: v for k, v in b.items() if k != "row"} for b in batch])
 
 
 def peft_config(args: TrainArgs, model_folder: str, tokenizer):
@@ -202,7 +201,7 @@ def train(args: TrainArgs) -> TrainResult:
         save_only_model=False,
         dataloader_num_workers=0,
     )
-    collator = Collator(tokenizer.pad_token_id)
+    collator = Collator(tokenizer)
 
     class ScoreTrainer(Trainer):
         def evaluate(self, *a, **kw):
