@@ -54,8 +54,10 @@ class MemberReport:
 class Report:
     rows: int = 0
     generated: int = 0
+    """Rows answered by the model in this run."""
     rule_based: int = 0
     resumed: int = 0
+    """Rows answered entirely from an earlier run's candidates (--resume)."""
     fallback: int = 0
     fallback_reasons: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -216,7 +218,8 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
         elif unchanged(state.row.original_text, state.row.rewritten_text):
             rows.set_rule(i, UNCHANGED_PROMPT)
     report.rule_based = rows.count(RULE)
-    report.resumed = rows.resume({m.key: m.name for m in members}) if args.resume else 0
+    if args.resume:
+        rows.resume({m.key: m.name for m in members})
     rows.log.start(keep=args.resume)
     recombine(range(n))
     rows.write()
@@ -241,7 +244,8 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
                 _release_memory()
         rows.write()
 
-    report.generated = rows.count(MODEL)
+    report.generated = rows.count(MODEL, fresh=True)
+    report.resumed = rows.count(MODEL, fresh=False)  # answered entirely from an earlier run's candidates
     report.fallback = rows.count(FALLBACK)
     report.fallback_reasons = rows.reasons()
     report.elapsed_s = clock() - start

@@ -30,8 +30,8 @@ class RowState:
     """Why the row falls back (or, once generated, why some member did not contribute)."""
     candidates: dict[str, dict[int, str | None]] = field(default_factory=dict)
     """Member name -> {sample: answer}; None marks an answer that was unusable (done, not to be made again)."""
-    resumed: bool = False
-    """Some of its candidates came from an earlier run's log."""
+    fresh: bool = False
+    """Some of its candidates were made in this run (not all restored from an earlier run's log)."""
 
 
 class Rows:
@@ -59,9 +59,10 @@ class Rows:
         write_submission(self.output, self.ids, [s.prompt for s in self.states])
 
     # -- candidates ---------------------------------------------------------------------------------------
-    def add(self, i: int, member: str, sample: int, text: str | None) -> None:
+    def add(self, i: int, member: str, sample: int, text: str | None, fresh: bool = True) -> None:
         """Record a finished answer, usable or not: either way it is not generated again on resume."""
         self.states[i].candidates.setdefault(member, {})[sample] = text
+        self.states[i].fresh |= fresh
 
     def has(self, i: int, member: str, sample: int) -> bool:
         return sample in self.states[i].candidates.get(member, {})
@@ -78,8 +79,7 @@ class Rows:
             name = keys.get(rec["member"])
             if name is None:
                 continue  # made by a member that no longer exists or generates differently
-            self.add(rec["row"], name, rec["sample"], rec.get("text"))
-            self.states[rec["row"]].resumed = True
+            self.add(rec["row"], name, rec["sample"], rec.get("text"), fresh=False)
             touched.add(rec["row"])
         return len(touched)
 
@@ -111,8 +111,9 @@ class Rows:
                 s.prompt, s.source = self.fallback, FALLBACK
 
     # -- counts -------------------------------------------------------------------------------------------
-    def count(self, source: str) -> int:
-        return sum(1 for s in self.states if s.source == source)
+    def count(self, source: str, fresh: bool | None = None) -> int:
+        """Rows from ``source``; with ``fresh``, only those that did (or did not) get answers in this run."""
+        return sum(1 for s in self.states if s.source == source and (fresh is None or s.fresh == fresh))
 
     def reasons(self) -> dict[str, int]:
         return dict(Counter(s.reason or "unknown" for s in self.states if s.source == FALLBACK))
