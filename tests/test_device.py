@@ -208,3 +208,45 @@ def test_safe_dtype_is_bfloat16_only_where_native(capability, want, monkeypatch,
     assert model_lib.upcast(loaded)["to"] == str(want).replace("torch.", "")
     assert all(p.dtype == want for p in model.parameters())
     assert all(b.dtype == torch.float32 for k, b in model.named_buffers() if k in rotary)  # precision kept
+
+
+# ---- the GPU benchmark's CPU mode ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/bench_gpu.py imported by name: replica processes unpickle its loader by module name."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("bench_gpu")
+
+
+def test_bench_gpu_tiny_runs_every_step_on_cpu(bench, tmp_path):
+    import json
+
+    code = bench.main(["--tiny", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    results = json.loads((tmp_path / "out" / "bench_gpu.json").read_text())
+    assert code == 0 and {s: results[s]["status"] for s in bench.STEPS} == dict.fromkeys(bench.STEPS, "ok")
+    for step in ("scheduler", "t4"):
+        for adapter in ("lora", "soft_prompt"):
+            m = results[step][adapter]
+            assert m["rows"] == 8 and m["batched"]["new_tokens"] > 0 and m["speedup"] > 0
+    assert results["t4"]["lora"]["batched_prefill"]["seconds"] > 0
+    assert results["t4"]["forced_capability"] == "7.5"
+    rep = results["replicas"]
+    assert rep["exit_codes"] == [0, 0] and rep["merged_valid"] and rep["same_absolute_end"]
+    assert all(share > 0.5 for share in rep["budget_share_of_whole_run"])  # not the half their rows would give
+    table = (tmp_path / "out" / "bench_gpu.md").read_text()
+    assert "| step | variant | rows | rows/s | ratio | peak GPU MB | notes |" in table and "replicas" in table
+
+
+def test_bench_gpu_steps_run_as_child_processes(bench, tmp_path):
+    import json
+
+    bench.main(["--tiny", "--children", "--steps", "prepare", "--out", str(tmp_path / "out"),
+                "--work", str(tmp_path / "work")])
+    results = json.loads((tmp_path / "out" / "bench_gpu.json").read_text())
+    assert results["prepare"]["status"] == "ok" and results["prepare"]["tokenizer_vocab"] > 0
+    assert (tmp_path / "work" / "model" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "work" / "lora" / "adapter_model.safetensors").is_file()
