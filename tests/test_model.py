@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -272,6 +273,13 @@ def test_large_gguf_converts_to_float16_small_to_float32_under_separate_keys(fak
             assert {f.get_tensor(k).dtype for k in names} == {want}
     assert model_lib.convert_gguf(str(gguf), cache) == large and len(fake_gguf_load) == 2  # cached
     assert not any(name.startswith(".convert-") for name in os.listdir(cache))
+    # A conversion from before the dtype was in the key is float32: it serves a float32 request, never a float16 one.
+    legacy = small[: -len("-float32")]
+    os.rename(small, legacy)
+    monkeypatch.setattr(model_lib, "LARGE_GGUF_BYTES", 1 << 30)
+    assert model_lib.convert_gguf(str(gguf), cache) == legacy and len(fake_gguf_load) == 2
+    shutil.rmtree(large)
+    assert model_lib.convert_gguf(str(gguf), cache, dtype="float16") == large and len(fake_gguf_load) == 3
 
 
 LOCK_HOLDER = """

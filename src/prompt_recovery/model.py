@@ -156,9 +156,13 @@ def convert_gguf(gguf_path: str, cache_dir: str | None = None, name: str | None 
     cache_dir = cache_dir or default_cache_dir()
     stem = name or os.path.splitext(os.path.basename(gguf_path))[0]
     dtype = dtype or gguf_dtype(gguf_path)
-    target = os.path.join(cache_dir, f"{stem}-{_file_key(gguf_path)}-{dtype}")
+    key = f"{stem}-{_file_key(gguf_path)}"
+    target = os.path.join(cache_dir, f"{key}-{dtype}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
+    legacy = os.path.join(cache_dir, key)  # conversions from before the dtype was in the key were all float32
+    if dtype == "float32" and os.path.isfile(os.path.join(legacy, "config.json")):
+        return legacy
     os.makedirs(cache_dir, exist_ok=True)
     clean_stale_conversions(cache_dir)
     log.info("converting %s into %s in %s (once; about a minute)", gguf_path, target, dtype)
