@@ -32,6 +32,7 @@ import csv
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -526,12 +527,17 @@ def _child(step: str, o: dict, work: Path, limit: float, env: dict) -> dict:
     full_env = {**os.environ, **env, "BENCH_GPU_OPTS": json.dumps(o), "BENCH_GPU_WORK": str(work),
                 "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
+    # Its own process group: on a timeout the step's replica processes go too, and their GPU memory with them.
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=full_env, timeout=max(limit, 1), capture_output=True, text=True)
+        output, _ = proc.communicate(timeout=max(limit, 1))
         status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-        log = proc.stdout[-4000:] + proc.stderr[-4000:]
-    except subprocess.TimeoutExpired as exc:
-        status, log = f"timeout after {limit:.0f}s", str(exc.stderr or "")[-4000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        status = f"timeout after {limit:.0f}s"
+    log = (output or "")[-8000:]
     (work / f"{step}.log").write_text(log)
     path = work / f"{step}.json"
     result = json.loads(path.read_text()) if path.exists() else {}

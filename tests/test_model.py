@@ -273,6 +273,7 @@ def test_large_gguf_converts_to_float16_small_to_float32_under_separate_keys(fak
             assert {f.get_tensor(k).dtype for k in names} == {want}
     assert model_lib.convert_gguf(str(gguf), cache) == large and len(fake_gguf_load) == 2  # cached
     assert not any(name.startswith(".convert-") for name in os.listdir(cache))
+    assert not os.path.exists(os.path.join(large, model_lib.CONVERT_LOCK))  # the lock ends with the conversion
     # A conversion from before the dtype was in the key is float32: it serves a float32 request, never a float16 one.
     legacy = small[: -len("-float32")]
     os.rename(small, legacy)

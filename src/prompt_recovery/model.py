@@ -12,6 +12,7 @@ one. ``upcast`` switches a loaded model to the safe dtype when its float16 run o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,8 +41,9 @@ NATIVE_BF16 = (8, 0)
 LARGE_GGUF_BYTES = 1 << 30
 CONVERT_PREFIX = ".convert-"
 CONVERT_LOCK = ".owner.lock"
-# A conversion folder without a lock file is stale only when older than this: it may have been created this instant.
-UNLOCKED_GRACE_S = 600.0
+# A conversion folder without a lock file is stale only when older than this: it may have been created this instant,
+# or be running on a filesystem without flock (a 7B conversion on a slow disk takes many minutes).
+UNLOCKED_GRACE_S = 6 * 3600.0
 
 
 class AdapterMismatch(InputError):
@@ -97,7 +99,11 @@ def _lock_conversion(folder: str):
         return None
     tmp = os.path.join(folder, CONVERT_LOCK + ".tmp")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without flock: the folder counts as unlocked (removed only after the grace)
+        os.close(fd)
+        return None
     os.write(fd, str(os.getpid()).encode())
     os.rename(tmp, os.path.join(folder, CONVERT_LOCK))
     return fd
@@ -193,19 +199,13 @@ def convert_gguf(gguf_path: str, cache_dir: str | None = None, name: str | None 
             if not os.path.isfile(os.path.join(target, "config.json")):
                 raise  # another process did not finish it either: a real failure
         else:
-            _remove(os.path.join(target, CONVERT_LOCK))
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(target, CONVERT_LOCK))  # the lock's job ended with the rename
     finally:
         if lock is not None:
             os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def embedded_gguf() -> str:
