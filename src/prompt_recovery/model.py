@@ -510,7 +510,8 @@ def upcast(loaded: Loaded, why: str = "non-finite logits on the first batch") ->
     parameter and buffer not already in the safe dtype is cast (embeddings, norms, biases, LoRA and soft-prompt
     weights; quantized weights are integers and stay), and each 4-bit layer computes in the safe dtype. Buffers
     already in float32 (rotary frequencies) stay float32. ``changed`` is False when nothing was left to switch, so
-    a retry would fail the same way.
+    a retry would fail the same way. Nothing is cast when the larger tensors would not fit a GPU's free memory
+    (``refused`` says why): running out of memory half-way would leave a model of mixed dtypes.
     """
     import torch
 
@@ -519,6 +520,12 @@ def upcast(loaded: Loaded, why: str = "non-finite logits on the first batch") ->
     target = safe_dtype(device, capability)
     half = (torch.float16, torch.bfloat16)
     before = loaded.info.get("dtype")
+    refused = _no_room(loaded.model, half, target)
+    if refused:
+        report = {"changed": False, "from": before, "to": _name(target), "reason": why, "refused": refused}
+        log.warning("%s, but the model stays in %s: %s", why, before, refused)
+        loaded.info["upcast"] = report
+        return report
     tensors = linear4bit = linear8bit = 0
     try:
         import bitsandbytes as bnb
@@ -556,6 +563,31 @@ def upcast(loaded: Loaded, why: str = "non-finite logits on the first batch") ->
         log.warning("%s: model switched from %s to %s", why, before, _name(target))
     loaded.info["upcast"] = report
     return report
+
+
+def _no_room(model, half: tuple, target) -> str | None:
+    """Why casting to ``target`` would not fit (per GPU: the growth plus the largest tensor's copy), else None."""
+    need: dict = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.dtype in half and t.dtype != target:
+            new_bytes = t.numel() * target.itemsize
+            grow, largest = need.get(t.device, (0, 0))
+            need[t.device] = (grow + new_bytes - t.numel() * t.element_size(), max(largest, new_bytes))
+    for dev, (grow, largest) in need.items():
+        room = _room(dev)
+        if room is not None and grow + largest > room:
+            return f"{_name(target)} needs {(grow + largest) / 2**30:.2f} GiB on {dev}, {room / 2**30:.2f} GiB free"
+    return None
+
+
+def _room(device) -> int | None:
+    """Bytes a GPU can still give this process (free on the card plus what torch's cache holds unused)."""
+    import torch
+
+    if device.type != "cuda":
+        return None  # host memory: not checked (the CPU's safe dtype is what it loads in anyway)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _model_device(model):
