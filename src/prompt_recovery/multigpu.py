@@ -5,18 +5,25 @@ does not fit is spread with ``device_map="auto"`` in a single process instead. R
 ``predict`` function in spawned processes (CUDA_VISIBLE_DEVICES set before torch starts in each), each on
 an interleaved shard of the rows, and their outputs are merged by row position into one validated file.
 A shard that fails leaves its rows with the fallback prompt: the merged file is always complete.
+
+Every replica gets the whole run's deadline (one absolute end time), not a budget from its own share of the rows.
+Hand-made rather than accelerate's notebook_launcher: its elastic agent stops every replica when one fails
+(measured, benchmarks/check_notebook_launcher.py: replica 1 raising at 1 s killed replica 0 after 2 of its 10
+steps), so a dead replica would cost all rows, and it forks, which fails once the notebook has initialised CUDA.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
-from .config import PredictArgs
+from .config import BudgetArgs, PredictArgs
 from .data import read_test
 from .submission import read_submission, write_submission
 
@@ -24,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Weights take this share of a card at most when replicated; the rest holds activations and KV cache.
 REPLICA_HEADROOM = 0.6
+# Set in each replica process to its index (logs, tests, benchmarks).
+REPLICA_ENV = "PROMPT_RECOVERY_REPLICA"
 
 
 def weight_bytes(folder: str | None, quantize: str) -> int | None:
@@ -47,19 +56,41 @@ def plan(n_gpus: int, per_gpu_bytes: int | None, model_bytes: int | None) -> str
     return "spread"
 
 
-def _shard_worker(args: PredictArgs, device: str | None) -> None:
+def shard_budget(budget: BudgetArgs, end_wall: float, rows: int, now: float) -> BudgetArgs:
+    """A replica's budget: whatever is left of the whole run's time at ``now``, spread over its own rows.
+
+    The time limit is the run's absolute end minus now; budget_per_row is raised so that rows x budget_per_row
+    never binds first (it would give a replica only its half's share of the run).
+    """
+    left = max(end_wall - now, 1e-3)  # BudgetArgs needs a positive limit; a spent budget falls back at once
+    return dataclasses.replace(budget, time_limit=left, budget_per_row=max(budget.budget_per_row, left / max(rows, 1)))
+
+
+def _shard_worker(args: PredictArgs, device: str | None, index: int, end_wall: float, rows: int,
+                  budget_file: str, loader=None) -> None:
     if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
+        os.environ["CUDA_VISIBLE_DEVICES"] = device  # before torch starts in this process
+    os.environ[REPLICA_ENV] = str(index)
     from .predict import predict
 
-    report = predict(args)
-    print(f"[shard {Path(args.test_csv).stem}] " + report.summary().replace("\n", "\n  "), flush=True)
+    # Taken after this process's start-up, which is part of the run's time like everything else.
+    budget = shard_budget(args.budget, end_wall, rows, time.time())
+    with open(budget_file, "w", encoding="utf-8") as f:
+        json.dump({"end_wall": end_wall, "time_limit": budget.time_limit, "budget_per_row": budget.budget_per_row}, f)
+    report = predict(dataclasses.replace(args, budget=budget), loader=loader)
+    print(f"[replica {index}] " + report.summary().replace("\n", "\n  "), flush=True)
 
 
-def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str) -> dict:
-    """Run one predict per device on interleaved shards; merge into ``args.output``. Returns a summary."""
+def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str, loader=None) -> dict:
+    """Run one predict per device on interleaved shards; merge into ``args.output``. Returns a summary.
+
+    ``loader`` (picklable, ModelArgs -> Loaded) replaces ``model.load`` in every replica.
+    """
+    start_wall = time.time()
     rows = read_test(args.test_csv).rows
     ids = [r.id for r in rows]
+    # One absolute end for every replica: the whole run's budget, as one process would have had it.
+    end_wall = start_wall + args.budget.seconds(len(ids))
     write_submission(args.output, ids, [fallback] * len(ids))  # complete before any replica starts
     work = Path(args.output).parent / (Path(args.output).name + ".shards")
     work.mkdir(parents=True, exist_ok=True)
@@ -69,6 +100,7 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str)
     for k, device in enumerate(devices):
         positions = list(range(k, len(rows), n))
         shard_csv, shard_out = work / f"shard{k}.csv", work / f"shard{k}_submission.csv"
+        budget_file = work / f"shard{k}_budget.json"
         with open(shard_csv, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["id", "original_text", "rewritten_text"])
@@ -79,15 +111,19 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str)
                                          report=str(work / f"shard{k}_report.json"), progress=False)
         if shard_out.exists() and not args.resume:
             shard_out.unlink()
-        proc = ctx.Process(target=_shard_worker, args=(shard_args, device))
+        budget_file.unlink(missing_ok=True)  # an earlier run's would pass for this one's
+        proc = ctx.Process(target=_shard_worker,
+                           args=(shard_args, device, k, end_wall, len(positions), str(budget_file), loader))
         proc.start()
         procs.append(proc)
-        shards.append((positions, shard_out))
+        shards.append((positions, shard_out, budget_file))
     for proc in procs:
         proc.join()
     prompts = [fallback] * len(ids)
     merged = 0
-    for (positions, shard_out), proc in zip(shards, procs):
+    budgets = []
+    for (positions, shard_out, budget_file), proc in zip(shards, procs):
+        budgets.append(_read_json(budget_file))
         try:
             found = read_submission(str(shard_out))
         except Exception as exc:  # a replica that died leaves its rows on the fallback
@@ -101,7 +137,15 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str)
                 prompts[i] = prompt
                 merged += 1
     write_submission(args.output, ids, prompts)
-    return {"shards": n, "rows": len(ids), "merged": merged, "exit_codes": [p.exitcode for p in procs]}
+    return {"shards": n, "rows": len(ids), "merged": merged, "exit_codes": [p.exitcode for p in procs],
+            "end_wall": end_wall, "budgets": budgets}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the replica died before it started: its rows are on the fallback
 
 
 def predict_on_gpus(args: PredictArgs, fallback: str) -> tuple[str, object]:

@@ -23,7 +23,7 @@ import torch
 
 from .config import TrainArgs
 from .data import InputError, read_table
-from .model import bnb_config, ensure_pad_token, identity, resolve, write_identity
+from .model import bnb_config, choose_dtype, cuda_capability, ensure_pad_token, identity, resolve, write_identity
 from .prompt import PromptBuilder, Template
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,10 @@ def _load_for_training(args: TrainArgs):
     cuda = torch.cuda.is_available() and args.model.device != "cpu"
     if args.model.quantize != "none" and not cuda:
         raise InputError("QLoRA (--quantize 4bit/8bit) trains only where CUDA is present")
-    # float32 where bfloat16 is missing: float16 training of these models overflows without a scaler.
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    # bfloat16 only where it is native (not torch.cuda.is_bf16_supported(), True on a T4); float32 elsewhere.
+    dtype, reason = choose_dtype(args.model.dtype, "cuda" if cuda else "cpu", cuda_capability() if cuda else None,
+                                 training=True)
+    log.info("training in %s: %s", str(dtype).replace("torch.", ""), reason)
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if args.model.quantize != "none":
         kwargs["quantization_config"] = bnb_config(args.model.quantize, dtype)
@@ -127,8 +129,10 @@ def _load_for_training(args: TrainArgs):
         model = prepare_model_for_kbit_training(model)
     elif cuda:
         model = model.to("cuda")
+    # The base as on disk, before a pad token grows the vocabulary: what predict finds when it loads the base.
+    base = identity(model.config, name)
     ensure_pad_token(tokenizer, model)
-    return model, tokenizer, folder, identity(model.config, name)
+    return model, tokenizer, folder, base
 
 
 def _split_val(rows, args: TrainArgs):
