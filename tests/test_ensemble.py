@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ def args_for(tmp_path, n=6, **kw):
 
 
 def candidates(output):
-    recs = [json.loads(x) for x in open(CandidateLog.path_for(output)).read().splitlines()[1:]]
+    recs = [json.loads(x) for x in Path(CandidateLog.path_for(output)).read_text().splitlines()[1:]]
     return recs
 
 
@@ -248,9 +249,9 @@ def test_resume_generates_only_what_is_missing(tiny_model_dir, adapters, tmp_pat
     args = args_for(tmp_path, model=ModelArgs(model=tiny_model_dir, adapter=[adapters["soft"], "none"]))
     predict(args)
     log_path = CandidateLog.path_for(args.output)
-    lines = open(log_path).read().splitlines()
+    lines = Path(log_path).read_text().splitlines()
     kept = [lines[0]] + [x for x in lines[1:] if json.loads(x)["name"] == "soft"]  # as if killed mid-way
-    open(log_path, "w").write("\n".join(kept) + "\n")
+    Path(log_path).write_text("\n".join(kept) + "\n")
     asked = []
 
     def loader(margs):
@@ -278,13 +279,13 @@ def test_kill_during_the_second_member_then_resume_finishes(tiny_model_dir, tiny
     log_path = CandidateLog.path_for(str(out))
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:  # wait until member two has written a few
-        if os.path.exists(log_path) and sum('"name": "two"' in x for x in open(log_path)) >= 3:
+        if os.path.exists(log_path) and sum('"name": "two"' in x for x in Path(log_path).read_text().splitlines()) >= 3:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert_valid_submission(out, ids)  # complete at the moment of the kill
-    done_two = sum('"name": "two"' in x for x in open(log_path))
+    done_two = sum('"name": "two"' in x for x in Path(log_path).read_text().splitlines())
     assert 3 <= done_two < 60, "the kill must land during the second member"
     code = main([*cmd[3:], "--resume"])
     assert code == 0
@@ -315,7 +316,7 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny_model_dir, adapters, tmp_path)
     label = result.scorers[0]
     assert "stand-in" in label
     # The fallback alone is the mean prompt on every row: its mean is the mean of the per-row scores.
-    per_row = list(csv.DictReader(open(tmp_path / "ev" / "scores.csv")))
+    per_row = list(csv.DictReader((tmp_path / "ev" / "scores.csv").read_text().splitlines()))
     fb = [float(r[label]) for r in per_row if r["variant"] == "fallback prompt alone"]
     assert len(fb) == 4 and result.means["fallback prompt alone"][label] == pytest.approx(np.mean(fb), abs=1e-6)
     assert (tmp_path / "ev" / "scores.png").stat().st_size > 1000

@@ -389,12 +389,12 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
         rows.write()
 
     def recover(message: str) -> bool:
-        changed = model_lib.upcast(loaded)
-        if changed:
-            log.warning("non-finite logits (%s); switched to %s and retrying", message, changed)
-            report.recoveries.append(f"{message}: {changed}")
+        # float16 overflow (Gemma 3 on a T4): switch the loaded model to the safe dtype and retry the batch.
+        result = model_lib.upcast(loaded, why=message)
+        if result["changed"]:
+            report.recoveries.append(f"{message}: upcast from {result['from']} to {result['to']}")
             report.model.update(loaded.info)
-        return bool(changed)
+        return bool(result["changed"])
 
     gen_start = clock()
     scheduler = Scheduler(
