@@ -251,25 +251,15 @@ def step_prepare(o: dict, work: Path) -> dict:
 
 # ---- scheduler and t4 -------------------------------------------------------------------------------------------
 
-def _load(o: dict, work: Path, adapter: str):
+def _load(o: dict, work: Path, adapters: list[str]):
+    """The 4-bit base once, with every adapter served beside it (LoRA routed per row, soft prompts placed)."""
     from prompt_recovery.config import ModelArgs
     from prompt_recovery.model import load
 
     t = time.perf_counter()
-    loaded = load(ModelArgs(model=str(work / "model"), adapter=str(work / adapter), quantize="4bit",
+    loaded = load(ModelArgs(model=str(work / "model"), adapter=[str(work / a) for a in adapters], quantize="4bit",
                             device="cuda" if _cuda() else "cpu"))
     return loaded, time.perf_counter() - t
-
-
-def _swap_adapter(loaded, work: Path, adapter: str):
-    """Take the adapter off the 4-bit base and attach another: one load of the base serves both."""
-    from prompt_recovery.model import attach_adapter
-
-    base = loaded.model.unload() if loaded.adapter_type == "LORA" else loaded.model.get_base_model()
-    model, kind = attach_adapter(base, str(work / adapter), loaded.identity, merge_lora=False, quantized=True)
-    loaded.model, loaded.adapter, loaded.adapter_type = model, str(work / adapter), kind
-    loaded.info.update({"adapter": loaded.adapter, "adapter_type": kind})
-    return loaded
 
 
 def _token_prompts(o: dict, tok) -> list[list[int]]:
@@ -280,29 +270,34 @@ def _token_prompts(o: dict, tok) -> list[list[int]]:
     return [[rng.randrange(first, len(tok)) for _ in range(rng.randint(lo, hi))] for _ in range(o["rows"])]
 
 
-def _measure(o: dict, loaded, prompts, prefill_only: bool = False) -> dict:
+def _measure(o: dict, loaded, prompts, adapter: str | None, prefill_only: bool = False) -> dict:
     """Batched scheduler on every row, one row at a time on an evenly spread subset; rows/s, ratio, peak memory."""
-    from prompt_recovery.engine import Engine
+    from prompt_recovery.engine import Engine, Request
     from prompt_recovery.scheduler import Scheduler
 
     tok = loaded.tokenizer
-    engine = Engine(loaded.model, tok.pad_token_id, [tok.eos_token_id], o["max_new_tokens"], stop_ids=())
-    engine.generate([prompts[0][:32], prompts[1][:48]])  # warm-up: first-call allocations are not throughput
+
+    def engine_for(max_new_tokens: int):
+        return Engine(loaded.model, tok.pad_token_id, [tok.eos_token_id], max_new_tokens, stop_ids=(),
+                      served=loaded.served)
+
+    requests = [Request(p, adapter=adapter) for p in prompts]
+    engine = engine_for(o["max_new_tokens"])
+    engine.generate([Request(prompts[0][:32], adapter=adapter), Request(prompts[1][:48], adapter=adapter)])  # warm-up
     out: dict = {"rows": len(prompts), "prompt_tokens": [min(map(len, prompts)), round(sum(map(len, prompts))
                                                            / len(prompts)), max(map(len, prompts))]}
 
     def batched(max_new_tokens: int) -> tuple[float, int, dict]:
-        eng = Engine(loaded.model, tok.pad_token_id, [tok.eos_token_id], max_new_tokens, stop_ids=())
-        sched = Scheduler(eng.generate, deadline=time.monotonic() + 1e9, max_new_tokens=max_new_tokens,
+        eng = engine_for(max_new_tokens)
+        sched = Scheduler(eng.run, deadline=time.monotonic() + 1e9, max_new_tokens=max_new_tokens,
                           max_batch_tokens=o["max_batch_tokens"], max_batch_size=o["max_batch_size"],
-                          budget_per_row=1e9)
+                          budget_per_row=1e9, length=eng.length)
         _reset_peak()
         t = time.perf_counter()
-        res = sched.run(dict(enumerate(prompts)))
+        res = sched.run(dict(enumerate(requests)))
         _sync()
         seconds = time.perf_counter() - t
-        stats = sched.stats.as_dict() if hasattr(sched, "stats") else {}
-        return seconds, sum(len(r.tokens or []) for r in res.values()), stats
+        return seconds, sum(len(r.tokens or []) for r in res.values()), sched.stats.as_dict()
 
     seconds, new_tokens, stats = batched(o["max_new_tokens"])
     out["batched"] = {"seconds": round(seconds, 2), "rows_per_s": round(len(prompts) / seconds, 3),
@@ -314,7 +309,7 @@ def _measure(o: dict, loaded, prompts, prefill_only: bool = False) -> dict:
     subset = prompts[:: max(1, len(prompts) // o["one_row_rows"])][: o["one_row_rows"]]
     _reset_peak()
     t = time.perf_counter()
-    new_tokens = sum(len(engine.generate([p])[0]) for p in subset)
+    new_tokens = sum(len(engine.generate([Request(p, adapter=adapter)])[0]) for p in subset)
     _sync()
     seconds = time.perf_counter() - t
     out["one_row"] = {"rows": len(subset), "seconds": round(seconds, 2), "rows_per_s": round(len(subset) / seconds, 3),
@@ -324,15 +319,13 @@ def _measure(o: dict, loaded, prompts, prefill_only: bool = False) -> dict:
 
 
 def _scheduler_runs(o: dict, work: Path, result: dict, step: str, prefill_only: bool) -> object:
-    loaded, load_s = _load(o, work, "lora")
+    loaded, load_s = _load(o, work, ["lora", "soft_prompt"])
     result["load_s"] = round(load_s, 1)
     result["model_info"] = {k: loaded.info.get(k) for k in ("device", "dtype", "dtype_reason", "capability",
                                                              "capability_forced", "attention", "quantize")}
     prompts = _token_prompts(o, loaded.tokenizer)
-    for adapter in ("lora", "soft_prompt"):
-        if adapter != "lora":
-            loaded = _swap_adapter(loaded, work, adapter)
-        result[adapter] = _measure(o, loaded, prompts, prefill_only)
+    for adapter, name in zip(("lora", "soft_prompt"), loaded.adapter_names):
+        result[adapter] = _measure(o, loaded, prompts, name, prefill_only)
         _save(work, step, result)
     return loaded
 
