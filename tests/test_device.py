@@ -197,6 +197,30 @@ def test_upcast_of_a_4bit_model_switches_compute_and_unquantized_weights(overflo
     assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("adapter", ["none", "prompt_tuning"])
+def test_predict_detects_the_overflow_on_its_first_batch_and_recovers(adapter, overflow_dir, tmp_path):
+    """float16 that overflows: the first batch's non-finite logits switch the model to float32, and the rows are
+    generated (not lost to fallbacks); the report says what happened."""
+    from conftest import assert_valid_submission, write_test_csv
+
+    from prompt_recovery.config import GenerationArgs, PredictArgs
+    from prompt_recovery.predict import predict
+
+    folder = "none" if adapter == "none" else add_adapter(overflow_dir, adapter, tmp_path / adapter)
+    ids = write_test_csv(tmp_path / "t.csv", n=6)
+    common = dict(test_csv=str(tmp_path / "t.csv"), progress=False, generation=GenerationArgs(max_new_tokens=4))
+    half = predict(PredictArgs(output=str(tmp_path / "half.csv"), model=ModelArgs(
+        model=overflow_dir, adapter=folder, device="cpu", dtype="float16"), **common))
+    full = predict(PredictArgs(output=str(tmp_path / "full.csv"), model=ModelArgs(
+        model=overflow_dir, adapter=folder, device="cpu", dtype="float32"), **common))
+    assert len(half.recoveries) == 1 and "float16 to float32" in half.recoveries[0]
+    assert half.model["dtype"] == "float32" and "upcast" in half.model["dtype_reason"]
+    assert "non_finite" not in half.fallback_reasons and half.generated == full.generated
+    assert [b["status"] for b in half.batches][0] == "non_finite"  # the first try, before the switch
+    assert assert_valid_submission(tmp_path / "half.csv", ids) == assert_valid_submission(tmp_path / "full.csv", ids)
+    assert full.recoveries == []
+
+
 @pytest.mark.parametrize("capability, want", [((7, 5), torch.float32), ((8, 0), torch.bfloat16)])
 def test_safe_dtype_is_bfloat16_only_where_native(capability, want, monkeypatch, tiny_model_dir):
     from transformers import AutoModelForCausalLM
