@@ -22,6 +22,10 @@ REPORT = os.path.join(KAGGLE, "working", "report.json")
 MODEL = None
 # An adapter folder; None: the first one in the bundle, else the soft prompt shipped for the default model.
 ADAPTER = None
+# A run spec (TOML or JSON) listing ensemble members; None: the bundle's members.json if it has one, else the
+# single ADAPTER. COMBINE: how a row's candidates become one prompt (first, concat or mbr); the spec may set it.
+MEMBERS = None
+COMBINE = "first"
 QUANTIZE = "none"  # "4bit" for 7B+ models on a T4
 EMBEDDER = None  # e.g. /kaggle/input/sentence-t5-base: trims predictions to the 128 tokens the scorer reads
 TIME_LIMIT = 8.5 * 3600  # seconds for the whole notebook (Kaggle allows 9 h)
@@ -30,10 +34,13 @@ SITE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "prompt_recovery_site")
 
 if MODEL is None and os.path.isfile(os.path.join(BUNDLE, "model", "config.json")):
     MODEL = os.path.join(BUNDLE, "model")
+if MEMBERS is None and os.path.isfile(os.path.join(BUNDLE, "members.json")):
+    MEMBERS = os.path.join(BUNDLE, "members.json")
 if ADAPTER is None and os.path.isdir(os.path.join(BUNDLE, "adapters")):
     found = sorted(os.listdir(os.path.join(BUNDLE, "adapters")))
     ADAPTER = os.path.join(BUNDLE, "adapters", found[0]) if found else None
 print(f"bundle {BUNDLE}\nmodel {MODEL or 'embedded default'}\nadapter {ADAPTER or 'shipped default'}")
+print(f"members {MEMBERS or 'one: the adapter above'}, combine {COMBINE}")
 print(f"test {TEST_CSV}\noutput {OUTPUT}\nbudget {TIME_LIMIT:.0f}s, {BUDGET_PER_ROW}s a row")
 
 # %%
@@ -111,7 +118,7 @@ REPORT_OBJ = None
 if INSTALLED:
     try:
         import prompt_recovery
-        from prompt_recovery.config import BudgetArgs, ModelArgs, OutputArgs, PredictArgs
+        from prompt_recovery.config import BudgetArgs, EnsembleArgs, ModelArgs, OutputArgs, PredictArgs
         from prompt_recovery.multigpu import predict_on_gpus
 
         print(f"prompt_recovery {prompt_recovery.__version__} from {os.path.dirname(prompt_recovery.__file__)}")
@@ -126,6 +133,7 @@ if INSTALLED:
                               time_limit=max(60.0, TIME_LIMIT - (time.time() - NOTEBOOK_START))),
             out=OutputArgs(fallback_prompt=FALLBACK, suffix_file=suffix if os.path.isfile(suffix) else "auto",
                            embedder=EMBEDDER),
+            ensemble=EnsembleArgs(members=MEMBERS, combine=COMBINE),
         )
         MODE, REPORT_OBJ = predict_on_gpus(args, FALLBACK)
         print(f"mode: {MODE}")

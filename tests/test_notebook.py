@@ -23,13 +23,13 @@ def test_notebook_is_generated_from_its_py_twin():
     )
 
 
-def kaggle_layout(tmp_path, model_dir, adapter=None):
+def kaggle_layout(tmp_path, model_dir, adapter=None, members=None):
     kaggle = tmp_path / "kaggle"
     (kaggle / "working").mkdir(parents=True)
     (kaggle / "input" / "llm-prompt-recovery").mkdir(parents=True)
     ids = write_test_csv(kaggle / "input" / "llm-prompt-recovery" / "test.csv", n=6)
     bundle(BundleArgs(output=str(kaggle / "input" / "prompt-recovery-bundle"), deps="none", model=model_dir,
-                      adapter=[adapter] if adapter else []))
+                      adapter=[adapter] if adapter else [], members=members))
     return kaggle, ids
 
 
@@ -73,3 +73,25 @@ def test_a_broken_bundle_still_leaves_the_fallback_submission(tiny_model_dir, tm
     prompts = assert_valid_submission(kaggle / "working" / "submission.csv", ids)
     assert "install failed" in out and "submission OK: 6 rows" in out
     assert len(set(prompts)) == 1
+
+
+@pytest.mark.slow
+def test_notebook_runs_the_bundled_run_spec(tiny_model_dir, tmp_path, monkeypatch):
+    from test_model import make_adapter
+
+    make_adapter(tiny_model_dir, "prompt_tuning", tmp_path / "specs" / "soft")
+    make_adapter(tiny_model_dir, "lora", tmp_path / "specs" / "lora")
+    spec = tmp_path / "specs" / "members.toml"  # paths relative to the spec, as a user keeps them
+    spec.write_text('combine = "mbr"\n[[members]]\nadapter = "soft"\n[[members]]\nadapter = "lora"\n'
+                    'samples = 2\ntemperature = 0.8\n')
+    kaggle, ids = kaggle_layout(tmp_path, tiny_model_dir, members=str(spec))
+    bundled = kaggle / "input" / "prompt-recovery-bundle"
+    assert json.loads((bundled / "members.json").read_text())["members"][0]["adapter"] == "adapters/soft"
+    out = execute(kaggle, tmp_path, monkeypatch)
+    assert f"members {bundled / 'members.json'}, combine first" in out
+    assert_valid_submission(kaggle / "working" / "submission.csv", ids)
+    report = json.loads((kaggle / "working" / "report.json").read_text())
+    assert [m["name"] for m in report["members"]] == ["soft", "lora"] and report["combine"] == "mbr"
+    log = (kaggle / "working" / "submission.csv.candidates.jsonl").read_text().splitlines()[1:]
+    assert sorted({(json.loads(x)["name"], json.loads(x)["sample"]) for x in log}) == [
+        ("lora", 0), ("lora", 1), ("soft", 0)]

@@ -124,7 +124,46 @@ def _purpose(rel: str) -> str:
         return "PEFT adapter"
     if rel.startswith("model/"):
         return "base model"
-    return {"mean_prompt.txt": "fallback prompt", "suffix.txt": "suffix appended to predictions"}.get(rel, "")
+    if rel.startswith("templates/"):
+        return "recovery template of a member"
+    return {"mean_prompt.txt": "fallback prompt", "suffix.txt": "suffix appended to predictions",
+            "members.json": "run spec: the ensemble's members"}.get(rel, "")
+
+
+def _copy_adapter(src: Path, tmp: Path) -> str:
+    """Copy an adapter folder into the bundle once; returns its path inside the bundle."""
+    if not (src / "adapter_config.json").is_file():
+        raise InputError(f"adapter folder {src} has no adapter_config.json")
+    dest = tmp / "adapters" / src.name
+    if not dest.exists():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    return f"adapters/{src.name}"
+
+
+def _ship_members(spec: str, tmp: Path) -> None:
+    """The run spec as members.json, its adapters and templates copied in and named relative to the bundle.
+
+    Relative paths in a spec are read relative to the spec's folder, so the notebook can use it wherever
+    Kaggle mounts the bundle. Model paths stay as written: models are attached as their own Kaggle inputs.
+    """
+    from dataclasses import asdict
+
+    from .ensemble import read_spec
+
+    members, combine = read_spec(spec)
+    out = []
+    for m in members:
+        entry = {k: v for k, v in asdict(m).items() if v is not None}
+        if m.adapter not in ("auto", "none"):
+            entry["adapter"] = _copy_adapter(Path(m.adapter), tmp)
+        if m.template:
+            (tmp / "templates").mkdir(exist_ok=True)
+            name = f"templates/{len(out)}-{Path(m.template).name}"
+            shutil.copyfile(m.template, tmp / name)
+            entry["template"] = name
+        out.append(entry)
+    data = {"members": out, **({"combine": combine} if combine else {})}
+    (tmp / "members.json").write_text(json.dumps(data, indent=2))
 
 
 def bundle(args: BundleArgs) -> dict:
@@ -145,10 +184,9 @@ def bundle(args: BundleArgs) -> dict:
         pins.pop("prompt-recovery", None)
         download_wheels(pins, wheels, args.python_version)
         for adapter in args.adapter:
-            src = Path(adapter)
-            if not (src / "adapter_config.json").is_file():
-                raise InputError(f"adapter folder {adapter} has no adapter_config.json")
-            shutil.copytree(src, tmp / "adapters" / src.name, ignore=shutil.ignore_patterns("checkpoints"))
+            _copy_adapter(Path(adapter), tmp)
+        if args.members:
+            _ship_members(args.members, tmp)
         if args.model:
             if not (Path(args.model) / "config.json").is_file():
                 raise InputError(f"model folder {args.model} has no config.json")
@@ -162,7 +200,8 @@ def bundle(args: BundleArgs) -> dict:
             "prompt_recovery": __version__,
             "python_version": args.python_version,
             "pinned": pins,
-            "adapters": [Path(a).name for a in args.adapter],
+            "adapters": sorted(p.name for p in (tmp / "adapters").iterdir()) if (tmp / "adapters").is_dir() else [],
+            "members": "members.json" if args.members else None,
             "model": "model" if args.model else None,
             "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": sha256(p),
                        "purpose": _purpose(str(p.relative_to(tmp)))} for p in files],

@@ -360,6 +360,8 @@ class BundleArgs:
     """Adapter folder to include (repeat for several)."""
     model: str | None = None
     """Model folder to copy in (optional: Kaggle models are usually attached as their own input)."""
+    members: str | None = None
+    """Run spec (TOML or JSON) to ship as members.json, with the adapters and templates it names copied in."""
     mean_prompt: str | None = None
     """Fallback prompt file (default: the shipped mean prompt)."""
     suffix: str | None = None

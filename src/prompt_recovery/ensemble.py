@@ -74,13 +74,28 @@ def read_spec(path: str) -> tuple[list[MemberArgs], str | None]:
             raise InputError(f"{path}: member {n + 1} has unknown field(s) {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(known))})")
         try:
-            members.append(MemberArgs(**entry))
+            members.append(MemberArgs(**_relative_to(entry, os.path.dirname(os.path.abspath(path)))))
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: member {n + 1}: {exc}") from None
     combine = data.get("combine")
     if combine is not None and combine not in COMBINES:
         raise InputError(f"{path}: combine must be one of {', '.join(COMBINES)}; got {combine!r}")
     return members, combine
+
+
+PATH_FIELDS = ("model", "adapter", "template")
+
+
+def _relative_to(entry: dict, folder: str) -> dict:
+    # Relative paths in a spec are relative to the spec's own folder, so a bundle (or a Kaggle dataset) can
+    # carry a spec and the adapters it names and work wherever it is mounted.
+    out = dict(entry)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and value and value not in ("auto", "none") and not os.path.isabs(
+                os.path.expanduser(value)):
+            out[key] = os.path.join(folder, value)
+    return out
 
 
 def resolve_members(args: PredictArgs) -> tuple[list[Member], str]:
