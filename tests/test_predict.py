@@ -276,3 +276,17 @@ def test_a_load_slower_than_the_budget_is_abandoned_and_the_deadline_holds(tiny_
     assert time.monotonic() - start < 5
     assert report.fallback_reasons == {"deadline": 3} and report.error is None
     assert_valid_submission(args.output, ["0000", "0001", "0002"])
+
+
+def test_a_dataframe_in_and_out(tiny_model_dir, tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": ["007", "1e5", "x"], "original_text": ["Hello there.", None, "Same."],
+                          "rewritten_text": ["Hi!", "text", "Same."]})
+    report = predict(PredictArgs(test_csv=frame, output=str(tmp_path / "s.csv"), progress=False,
+                                 model=ModelArgs(model=tiny_model_dir, adapter="none"),
+                                 generation=GenerationArgs(max_new_tokens=4)))
+    out = report.read_submission()
+    assert list(out["id"]) == ["007", "1e5", "x"]  # ids stay the strings they were
+    assert out["rewrite_prompt"][1] == FALLBACK and report.fallback_reasons.get("empty_text") == 1
+    assert report.rule_based == 1 and all(p.strip() for p in out["rewrite_prompt"])

@@ -85,6 +85,12 @@ class Report:
     error: str | None = None
     output: str = ""
 
+    def read_submission(self):
+        """The submission written, as a pandas DataFrame of strings (id, rewrite_prompt)."""
+        import pandas as pd
+
+        return pd.read_csv(self.output, dtype=str, keep_default_na=False)
+
     def summary(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallback_reasons.items())) or "none"
         lines = [
