@@ -202,7 +202,7 @@ class Engine:
                 cache.batch_select_indices(index)
                 mask, last = mask[index], last[index]
                 rows = [rows[b] for b in keep]
-                names = None if names is None else [names[b] for b in keep]
+                names = [names[b] for b in keep]
                 next_ids = [next_ids[b] for b in keep]
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             last = last + 1
@@ -260,7 +260,7 @@ class Engine:
     def _lora_name(self, adapter: str | None) -> str:
         return adapter if adapter in self.served.lora else BASE
 
-    def _forward(self, names: list[str] | None, **kwargs) -> torch.Tensor:
+    def _forward(self, names: list[str], **kwargs) -> torch.Tensor:
         """Last-position logits of one forward; LoRA adapters routed per row when the model holds several."""
         kwargs.update(use_cache=True, logits_to_keep=1)
         if self.served.lora:
