@@ -328,6 +328,18 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny_model_dir, adapters, tmp_path)
                  "--no-progress"])
     assert code == 0
     assert "base + suffix" in (tmp_path / "ev2" / "summary.md").read_text()
+    # Gold prompts may come in their own file (a test.csv + gold pair); a row without one is refused up front.
+    gold = tmp_path / "gold.csv"
+    gold.write_text("id,rewrite_prompt\n" + "".join(f"{i},{p}\n" for i, p in zip(ids, prompts)))
+    result = evaluate(EvaluateArgs(labeled_csv=str(tmp_path / "t.csv"), gold=str(gold), output=str(tmp_path / "ev3"),
+                                   progress=False, model=ModelArgs(model=tiny_model_dir, adapter="none"),
+                                   generation=GenerationArgs(max_new_tokens=4)))
+    assert result.rows == 4
+    gold.write_text("id,rewrite_prompt\n" + f"{ids[0]},Make it formal.\n")
+    with pytest.raises(InputError, match="3 row"):
+        evaluate(EvaluateArgs(labeled_csv=str(tmp_path / "t.csv"), gold=str(gold), output=str(tmp_path / "ev4"),
+                              progress=False, model=ModelArgs(model=tiny_model_dir, adapter="none")))
+    assert not (tmp_path / "ev4" / "submission.csv").exists()  # refused before any prediction
 
 
 def test_members_flag_help_and_adapter_repeat_in_cli(tiny_model_dir, adapters, tmp_path, capsys):

@@ -208,6 +208,8 @@ class PredictArgs:
 class EvaluateArgs:
     labeled_csv: str
     """Rows with gold prompts: id, original_text, rewritten_text, rewrite_prompt."""
+    gold: str | None = None
+    """Gold prompts (id, rewrite_prompt) in their own file, when LABELED_CSV has none (a test.csv + gold pair)."""
     output: str = "evaluation"
     """Folder for the submission, candidates, per-row scores, table and chart."""
     scorer: list[str] = field(default_factory=list)

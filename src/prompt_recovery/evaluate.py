@@ -44,15 +44,16 @@ class Evaluation:
     files: dict = field(default_factory=dict)
 
 
-def read_gold(source) -> tuple[list[str], list[str]]:
-    """(ids, gold prompts) of a labelled table; every row needs a gold prompt."""
+def read_gold(source, ids: list[str]) -> list[str]:
+    """The gold prompt of every id (in that order) from a table with id and rewrite_prompt columns."""
     table, _, warnings, _ = read_table(source, required=("id", "rewrite_prompt"), optional=())
     for w in warnings:
         log.warning(w)
-    blank = [i for i, g in zip(table["id"], table["rewrite_prompt"]) if not g.strip()]
-    if blank:
-        raise InputError(f"{len(blank)} labelled row(s) have no rewrite_prompt (first ids: {blank[:5]})")
-    return table["id"], table["rewrite_prompt"]
+    gold = dict(zip(table["id"], table["rewrite_prompt"]))
+    missing = [i for i in ids if not gold.get(i, "").strip()]
+    if missing:
+        raise InputError(f"{len(missing)} row(s) have no gold rewrite_prompt (first ids: {missing[:5]})")
+    return [gold[i] for i in ids]
 
 
 def predict_args(args: EvaluateArgs) -> PredictArgs:
@@ -114,12 +115,10 @@ def evaluate(args: EvaluateArgs, *, loader=None) -> Evaluation:
     from .score import Embedder, score_pairs
 
     os.makedirs(args.output, exist_ok=True)
-    gold_ids, gold = read_gold(args.labeled_csv)
+    rows = read_test(args.labeled_csv).rows
+    gold = read_gold(args.gold or args.labeled_csv, [r.id for r in rows])  # checked before the long part
     pargs = predict_args(args)
     report = predict(pargs, loader=loader)
-    rows = read_test(args.labeled_csv).rows
-    if [r.id for r in rows] != gold_ids:
-        raise InputError("the labelled table's ids changed while it was read")  # same file read twice
     fallback = resolve_fallback(pargs.out)
     with open(pargs.output, newline="", encoding="utf-8") as f:
         submitted = [r["rewrite_prompt"] for r in csv.DictReader(f)]
