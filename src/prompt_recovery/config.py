@@ -152,7 +152,7 @@ class MemberArgs:
     share: float = 1.0
     """Relative share of the time left when this member's model runs (members over one model add up)."""
     samples: int = 1
-    """Answers per row: 1 is greedy; more are sampled (temperature, top_p) with seeds from --seed."""
+    """Answers per row: 1 is greedy; more are sampled (temperature, top_p), each row and sample seeded from seed."""
     temperature: float = 0.7
     """Sampling temperature when samples > 1."""
     top_p: float = 0.95
