@@ -236,6 +236,47 @@ def test_prefix_rows_match_peft_one_row_and_mix_with_others(tok, tmp_path):
         assert got == reference(peft_model if a else make_model(tok), p, eos_of(tok))
 
 
+def test_every_kind_of_adapter_in_one_batch_equals_each_alone(tok, lora_pair, tmp_path):
+    """A soft prompt, a prefix, a LoRA and the bare base, rows interleaved in one padded batch."""
+    torch.manual_seed(5)
+    px = get_peft_model(make_model(tok), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    with torch.no_grad():
+        for p in px.prompt_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    px.save_pretrained(tmp_path / "px")
+    folders = {"soft": soft_prompt_folder(tok, lambda: make_model(tok), tmp_path / "soft", 7, 4),
+               "px": str(tmp_path / "px"), "red": lora_pair["red"]}
+    kinds = {"soft": "PROMPT_TUNING", "px": "PREFIX_TUNING", "red": "LORA"}
+    att = attach(make_model(tok), folders, {n: {"peft_type": k} for n, k in kinds.items()}, quantized=False,
+                 base_needed=True)
+    engine = Engine(att.model, tok.pad_token_id, eos_of(tok), MAX_NEW, served=att.served)
+    batch = prompts(tok, 8, seed=9)
+    names = ["soft", "px", "red", None, "red", "soft", None, "px"]
+    reqs = [Request(p, adapter=a) for p, a in zip(batch, names)]
+    together = engine.generate(reqs)
+    assert together == [engine.generate([r])[0] for r in reqs]
+    for p, a, got in zip(batch, names, together):
+        model = make_model(tok) if a is None else PeftModel.from_pretrained(make_model(tok), folders[a]).eval()
+        assert got == reference(model, p, eos_of(tok)), a
+
+
+def test_rows_cut_by_the_time_bound_are_flagged(tok):
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+
+    model = make_model(tok)
+    batch = prompts(tok, 4, seed=1)
+    free = Engine(model, tok.pad_token_id, eos_of(tok), MAX_NEW).generate(batch)
+    eos = {free[0][0]}  # row 0 ends on its first token; the others run on until the bound
+    out = Engine(model, tok.pad_token_id, eos, 200, clock=clock).run(batch, max_time=4.5)
+    assert out.timed_out
+    assert out.cut == [len(r) > 0 and not (r[0] in eos) for r in out.tokens]
+    assert out.cut[0] is False and any(out.cut)
+
+
 def test_unknown_adapter_is_refused(tok):
     engine = Engine(make_model(tok), tok.pad_token_id, eos_of(tok), 4)
     with pytest.raises(ValueError, match="not served"):

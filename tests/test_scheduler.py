@@ -330,3 +330,19 @@ def test_length_function_counts_virtual_tokens():
                   calibration_rows=8)
     s.run({i: [i] * 10 for i in range(6)})
     assert [b.rows for b in s.stats.batches] == [2, 2, 2] and all(b.padded_len == 40 for b in s.stats.batches)
+
+
+def test_a_failing_callback_costs_nothing_and_split_pieces_are_handed_over_as_they_end():
+    clock = FakeClock()
+    engine = FakeEngine(clock, oom_above=2)
+    calls: list[int] = []
+
+    def on_batch(done):
+        calls.append(len(done))
+        if len(calls) == 1:
+            raise OSError("disk full")  # the first write fails; the run goes on
+
+    s = scheduler(engine, clock, deadline=1e9, max_batch_size=8, calibration_rows=8, on_batch=on_batch)
+    out = s.run({i: [i] * 10 for i in range(8)})
+    assert all(o.tokens is not None for o in out.values())
+    assert calls == [2, 2, 2, 2]  # 8 fails, 4 fails, then each piece of 2 is handed over on its own

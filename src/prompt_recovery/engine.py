@@ -65,6 +65,8 @@ class BatchOutput:
     decode_s: float = 0.0
     timed_out: bool = False
     """The time bound stopped decoding before every row finished."""
+    cut: list[bool] = field(default_factory=list)
+    """Per row: the time bound stopped it while it was still running (its answer may be unfinished)."""
 
 
 @dataclass
@@ -163,56 +165,63 @@ class Engine:
     def _run(self, reqs: list[Request], deadline: float) -> BatchOutput:
         t0 = self.clock()
         n = len(reqs)
-        names = [self._lora_name(r.adapter) for r in reqs]
-        cache = DynamicCache(config=self.base.config)
-        prefix_mask = self._seed_prefixes(reqs, cache)
-        inputs, mask = self._prefill_inputs(reqs)
-        if prefix_mask is not None:
-            mask = torch.cat([prefix_mask, mask], dim=1)
-        positions = mask.cumsum(-1) - 1
-        positions.masked_fill_(mask == 0, 1)  # as generate does; masked columns are never attended
-        width = inputs["input_ids" if "input_ids" in inputs else "inputs_embeds"].shape[1]
-        logits = self._forward(names, attention_mask=mask, position_ids=positions[:, -width:],
-                               past_key_values=cache, **inputs)
-        samplers = [_Sampler(r, self.device) if r.temperature > 0 else None for r in reqs]
-        out: list[list[int]] = [[] for _ in range(n)]
-        rows = list(range(n))  # batch index -> request index, for the rows still running
-        next_ids = self._pick(logits, [samplers[i] for i in rows])
-        t1 = self.clock()
-        stats = BatchOutput(out, prefill_tokens=n * mask.shape[1], prefill_s=t1 - t0)
-        last = positions[:, -1]
-        while True:
-            keep = []
-            for b, tok in enumerate(next_ids):
-                i = rows[b]
-                if tok in self.eos_ids:
-                    continue
-                out[i].append(tok)
-                stopped = tok in self.stop_ids and len(out[i]) > 1  # a leading line break is not an answer
-                if not stopped and len(out[i]) < self.max_new_tokens:
-                    keep.append(b)
-            if not keep:
-                break
-            if self.clock() >= deadline:
-                stats.timed_out = True
-                break
-            if len(keep) < len(rows):
-                # Finished rows leave the batch: every later step costs only the rows still running.
-                index = torch.tensor(keep, device=mask.device)
-                cache.batch_select_indices(index)
-                mask, last = mask[index], last[index]
-                rows = [rows[b] for b in keep]
-                names = [names[b] for b in keep]
-                next_ids = [next_ids[b] for b in keep]
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            last = last + 1
-            step = torch.tensor(next_ids, device=self.device).unsqueeze(1)
-            logits = self._forward(names, input_ids=step, attention_mask=mask, position_ids=last.unsqueeze(1),
-                                   past_key_values=cache)
-            stats.row_steps += len(rows)
+        routing = _Routing(self.model if self.served.lora else None)
+        try:
+            routing.set([self._lora_name(r.adapter) for r in reqs])
+            cache = DynamicCache(config=self.base.config)
+            prefix_mask = self._seed_prefixes(reqs, cache)
+            inputs, mask = self._prefill_inputs(reqs)
+            if prefix_mask is not None:
+                mask = torch.cat([prefix_mask, mask], dim=1)
+            positions = mask.cumsum(-1) - 1
+            positions.masked_fill_(mask == 0, 1)  # as generate does; masked columns are never attended
+            width = inputs["input_ids" if "input_ids" in inputs else "inputs_embeds"].shape[1]
+            logits = self._forward(attention_mask=mask, position_ids=positions[:, -width:], past_key_values=cache,
+                                   **inputs)
+            samplers = [_Sampler(r, self.device) if r.temperature > 0 else None for r in reqs]
+            out: list[list[int]] = [[] for _ in range(n)]
+            rows = list(range(n))  # batch index -> request index, for the rows still running
             next_ids = self._pick(logits, [samplers[i] for i in rows])
-        stats.decode_s = self.clock() - t1
-        return stats
+            t1 = self.clock()
+            stats = BatchOutput(out, prefill_tokens=n * mask.shape[1], prefill_s=t1 - t0, cut=[False] * n)
+            last = positions[:, -1]
+            while True:
+                keep = []
+                for b, tok in enumerate(next_ids):
+                    i = rows[b]
+                    if tok in self.eos_ids:
+                        continue
+                    out[i].append(tok)
+                    stopped = tok in self.stop_ids and len(out[i]) > 1  # a leading line break is not an answer
+                    if not stopped and len(out[i]) < self.max_new_tokens:
+                        keep.append(b)
+                if not keep:
+                    break
+                if self.clock() >= deadline:
+                    stats.timed_out = True
+                    for b in keep:
+                        stats.cut[rows[b]] = True  # still running: its answer may be unfinished
+                    break
+                if len(keep) < len(rows):
+                    # Finished rows leave the batch: every later step costs only the rows still running. The
+                    # index stays on the CPU: a model spread over GPUs holds each layer's cache on its own device.
+                    index = torch.tensor(keep)
+                    cache.batch_select_indices(index)
+                    mask, last = mask[index.to(mask.device)], last[index.to(last.device)]
+                    rows = [rows[b] for b in keep]
+                    next_ids = [next_ids[b] for b in keep]
+                    routing.set([self._lora_name(reqs[i].adapter) for i in rows])
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                last = last + 1
+                step = torch.tensor(next_ids, device=self.device).unsqueeze(1)
+                logits = self._forward(input_ids=step, attention_mask=mask, position_ids=last.unsqueeze(1),
+                                       past_key_values=cache)
+                stats.row_steps += len(rows)
+                next_ids = self._pick(logits, [samplers[i] for i in rows])
+            stats.decode_s = self.clock() - t1
+            return stats
+        finally:
+            routing.close()
 
     def _prefill_inputs(self, reqs: list[Request]) -> tuple[dict, torch.Tensor]:
         """Left-padded ids (or embeddings where a row has a soft prompt) and their mask."""
@@ -260,15 +269,9 @@ class Engine:
     def _lora_name(self, adapter: str | None) -> str:
         return adapter if adapter in self.served.lora else BASE
 
-    def _forward(self, names: list[str], **kwargs) -> torch.Tensor:
-        """Last-position logits of one forward; LoRA adapters routed per row when the model holds several."""
-        kwargs.update(use_cache=True, logits_to_keep=1)
-        if self.served.lora:
-            # peft's own mixed-batch routing (what PeftModel.forward does with adapter_names=), around the base
-            # model's forward so that our inputs_embeds, positions and cache reach it unchanged.
-            with self.model._enable_peft_forward_hooks(adapter_names=names):
-                return self.base(**kwargs).logits[:, -1]
-        return self.base(**kwargs).logits[:, -1]
+    def _forward(self, **kwargs) -> torch.Tensor:
+        """Last-position logits of one forward (LoRA rows routed by the hooks ``_Routing`` holds)."""
+        return self.base(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
 
     def _pick(self, logits: torch.Tensor, samplers: list[_Sampler | None]) -> list[int]:
         logits = logits.float()
@@ -280,6 +283,29 @@ class Engine:
             if sampler is not None:
                 picked[b] = sampler.draw(logits[b])
         return picked
+
+
+class _Routing:
+    """peft's mixed-batch LoRA routing (what PeftModel.forward does with adapter_names=) for the rows running.
+
+    Held around the base model's forward, so that our inputs_embeds, positions and cache reach it unchanged,
+    and registered again only when the running rows change (not at every decoding step).
+    """
+
+    def __init__(self, peft_model) -> None:
+        self.model, self.ctx = peft_model, None
+
+    def set(self, names: list[str]) -> None:
+        if self.model is None:
+            return
+        self.close()
+        self.ctx = self.model._enable_peft_forward_hooks(adapter_names=names)
+        self.ctx.__enter__()
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            ctx, self.ctx = self.ctx, None
+            ctx.__exit__(None, None, None)
 
 
 class _Sampler:

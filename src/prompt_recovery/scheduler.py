@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
@@ -34,7 +34,7 @@ class Outcome:
     reason: str | None = None
     """Why the request falls back (None when it was generated)."""
     timed_out: bool = False
-    """Its batch hit the time bound, so the generation may be cut short."""
+    """The time bound stopped it while it was still running: the answer may be unfinished."""
 
 
 @dataclass
@@ -49,6 +49,8 @@ class BatchStat:
     row_steps: int = 0
     estimate_s: float | None = None
     """What the cost model predicted for this batch before it ran (None while uncalibrated)."""
+    prefill_tokens: int = 0
+    """Prompt positions the prefill processed (rows x width, virtual tokens and prefixes included)."""
 
 
 @dataclass
@@ -183,15 +185,15 @@ class Scheduler:
         fit = int(left // per_row) if per_row > 0 else len(batch)
         return batch[: max(0, min(fit, len(batch)))]
 
-    def run(self, requests: Mapping[Hashable, object], tiers: Mapping[Hashable, int] | None = None
+    def run(self, requests: Mapping[Hashable, object], tiers: Mapping[Hashable, object] | None = None
             ) -> dict[Hashable, Outcome]:
         """Generate for every request; one Outcome per key. ``tiers``: lower tiers are served first."""
         lengths = {k: self.length(r) for k, r in requests.items()}
         order = {k: n for n, k in enumerate(requests)}
         queue = sorted(requests, key=lambda k: ((tiers or {}).get(k, 0), lengths[k], order[k]))
-        results: dict[Hashable, Outcome] = {}
-        bar = tqdm(total=len(queue), disable=not self.progress, unit="row", desc=self.desc)
-        fallbacks = 0
+        self._results: dict[Hashable, Outcome] = {}
+        self._bar = tqdm(total=len(queue), disable=not self.progress, unit="row", desc=self.desc)
+        self._fallbacks = 0
         try:
             while queue:
                 left = self.deadline - self.clock()
@@ -199,23 +201,28 @@ class Scheduler:
                 batch = self._fit_to_time(batch, lengths, left) if left > 0 else []
                 if not batch:
                     # The rows left cannot be reached in time: they fall back now rather than overrun.
-                    done = {k: Outcome(None, DEADLINE) for k in queue}
+                    self._emit({k: Outcome(None, DEADLINE) for k in queue})
                     queue = []
                 else:
                     queue = queue[len(batch):]
-                    done = self._run_batch(batch, requests, lengths)
-                self._emit(done, results)
-                fallbacks += sum(1 for o in done.values() if o.tokens is None)
-                bar.update(len(done))
-                bar.set_postfix(fallback=fallbacks, refresh=False)
+                    self._emit(self._run_batch(batch, requests, lengths))
         finally:
-            bar.close()
-        return results
+            self._bar.close()
+        return self._results
 
-    def _emit(self, done: dict, results: dict) -> None:
-        results.update(done)
-        if self.on_batch is not None and done:
-            self.on_batch(done)
+    def _emit(self, done: dict) -> None:
+        """Hand finished requests to the caller (as each batch, or each piece of a split batch, ends)."""
+        if not done:
+            return
+        self._results.update(done)
+        self._fallbacks += sum(1 for o in done.values() if o.tokens is None)
+        self._bar.update(len(done))
+        self._bar.set_postfix(fallback=self._fallbacks, refresh=False)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(done)
+            except Exception as exc:  # recording one batch must not end the run: the outcomes are kept
+                log.warning("recording a batch of %d failed: %s: %s", len(done), type(exc).__name__, exc)
 
     def _run_batch(self, batch: list, requests: Mapping, lengths: Mapping, retried: bool = False) -> dict:
         left = self.deadline - self.clock()
@@ -259,8 +266,10 @@ class Scheduler:
         self.cost.update(len(batch), padded, out.prefill_s, out.decode_s, out.row_steps)
         self.stats.batches.append(BatchStat(
             len(batch), padded, seconds, sum(len(t) for t in out.tokens),
-            "timed_out" if out.timed_out else "ok", out.prefill_s, out.decode_s, out.row_steps, estimate))
-        return {k: Outcome(list(t), None, out.timed_out) for k, t in zip(batch, out.tokens)}
+            "timed_out" if out.timed_out else "ok", out.prefill_s, out.decode_s, out.row_steps, estimate,
+            out.prefill_tokens))
+        cut = out.cut or [out.timed_out] * len(batch)
+        return {k: Outcome(list(t), None, c) for k, t, c in zip(batch, out.tokens, cut)}
 
     def _split(self, batch: list, requests: Mapping, lengths: Mapping, padded: int, message: str) -> dict:
         if len(batch) == 1:
@@ -271,20 +280,16 @@ class Scheduler:
         self.token_cap = max(1, min(self.token_cap, self._slots(len(batch), padded) // 2))
         self.size_cap = max(1, min(self.size_cap, math.ceil(len(batch) / 2)))
         # The rest goes in pieces under the caps as they stand now: a half that fails lowers them again, and
-        # the pieces after it never try a size already known to fail.
-        done: dict = {}
+        # the pieces after it never try a size already known to fail. Each piece is handed over as it ends.
         rest = list(batch)
         while rest:
             piece = self._next_batch(rest, lengths)
             rest = rest[len(piece):]
-            done.update(self._run_batch(piece, requests, lengths))
-        return done
+            self._emit(self._run_batch(piece, requests, lengths))
+        return {}
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
 
-
-def stat_rows(stats: Sequence[BatchStat]) -> int:
-    return sum(b.rows for b in stats if b.status in ("ok", "timed_out"))
