@@ -273,7 +273,7 @@ def test_rows_cut_by_the_time_bound_are_flagged(tok):
     eos = {free[0][0]}  # row 0 ends on its first token; the others run on until the bound
     out = Engine(model, tok.pad_token_id, eos, 200, clock=clock).run(batch, max_time=4.5)
     assert out.timed_out
-    assert out.cut == [len(r) > 0 and not (r[0] in eos) for r in out.tokens]
+    assert out.cut == [len(r) > 0 and r[0] not in eos for r in out.tokens]
     assert out.cut[0] is False and any(out.cut)
 
 

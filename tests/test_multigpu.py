@@ -9,8 +9,10 @@ import pytest
 from conftest import assert_valid_submission, read_csv_rows, write_test_csv
 
 from prompt_recovery.config import BudgetArgs, GenerationArgs, ModelArgs, PredictArgs
+from prompt_recovery.data import read_test
 from prompt_recovery.multigpu import REPLICA_ENV, plan, predict_sharded, shard_budget, weight_bytes
 from prompt_recovery.predict import predict
+from prompt_recovery.submission import CandidateLog, input_fingerprint
 
 GiB = 2**30
 
@@ -50,6 +52,13 @@ def test_sharded_prediction_equals_one_process_in_input_order(tiny_model_dir, tm
     # Greedy decoding is deterministic: two half-size replicas give the rows one process gives.
     sharded_prompts = assert_valid_submission(tmp_path / "sharded.csv", ids)
     assert sharded_prompts == assert_valid_submission(tmp_path / "single.csv", ids)
+    # ...and one candidates file for the whole input, rows numbered as in it, as one process writes it.
+    rows = read_test(str(tmp_path / "t.csv")).rows
+    fp = input_fingerprint(ids, [(r.original_text, r.rewritten_text) for r in rows])
+    def texts(out):
+        return sorted((r["row"], r["text"]) for r in CandidateLog(CandidateLog.path_for(out), fp).load(ids))
+    assert texts(str(tmp_path / "sharded.csv")) == texts(str(tmp_path / "single.csv"))
+    assert len(texts(str(tmp_path / "sharded.csv"))) == len(ids)
 
 
 def test_a_dead_shard_leaves_its_rows_on_the_fallback(tiny_model_dir, tmp_path):
@@ -76,6 +85,36 @@ def loader_killing_replica_1(model_args):
     from prompt_recovery.model import load
 
     return load(model_args)
+
+
+def loader_hanging_replica_1(model_args):
+    """Replica 1's model hangs in its first forward, as a CUDA call that never returns would."""
+    import time as _time
+
+    from prompt_recovery.model import load
+
+    loaded = load(model_args)
+    if os.environ.get(REPLICA_ENV) == "1":
+        loaded.model.register_forward_pre_hook(lambda *a: _time.sleep(600))
+    return loaded
+
+
+def test_a_hung_replica_is_stopped_at_the_end_of_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    import time as _time
+
+    from prompt_recovery import multigpu
+
+    monkeypatch.setattr(multigpu, "REPLICA_GRACE_S", 1.0)
+    ids = write_test_csv(tmp_path / "t.csv", n=6)
+    args = PredictArgs(test_csv=str(tmp_path / "t.csv"), output=str(tmp_path / "s.csv"), progress=False,
+                       model=ModelArgs(model=tiny_model_dir, adapter="none"), budget=BudgetArgs(time_limit=20),
+                       generation=GenerationArgs(max_new_tokens=4))
+    start = _time.monotonic()
+    summary = predict_sharded(args, [None, None], fallback="FALLBACK SENTINEL", loader=loader_hanging_replica_1)
+    assert _time.monotonic() - start < 20 + 1 + 10  # the run's end, the grace, the stop: not the 600 s hang
+    assert summary["exit_codes"][0] == 0 and summary["exit_codes"][1] != 0
+    prompts = assert_valid_submission(tmp_path / "s.csv", ids)
+    assert [p == "FALLBACK SENTINEL" for p in prompts] == [False, True] * 3
 
 
 def test_a_dead_replica_costs_only_its_own_rows(tiny_model_dir, tmp_path):

@@ -130,35 +130,48 @@ def _purpose(rel: str) -> str:
             "members.json": "run spec: the ensemble's members"}.get(rel, "")
 
 
-def _copy_adapter(src: Path, tmp: Path) -> str:
-    """Copy an adapter folder into the bundle once; returns its path inside the bundle."""
+def _copy_adapter(src: Path, tmp: Path, copied: dict[Path, str]) -> str:
+    """Copy an adapter folder into the bundle once; returns its path inside the bundle.
+
+    Two different folders with the same name (runA/final, runB/final) get two names: one must never stand
+    in for the other.
+    """
     if not (src / "adapter_config.json").is_file():
         raise InputError(f"adapter folder {src} has no adapter_config.json")
-    dest = tmp / "adapters" / src.name
-    if not dest.exists():
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoints"))
-    return f"adapters/{src.name}"
+    key = src.resolve()
+    if key in copied:
+        return copied[key]
+    name, k = src.name, 2
+    while (tmp / "adapters" / name).exists():
+        name, k = f"{src.name}-{k}", k + 1
+    shutil.copytree(src, tmp / "adapters" / name, ignore=shutil.ignore_patterns("checkpoints"))
+    copied[key] = f"adapters/{name}"
+    return copied[key]
 
 
-def _ship_members(spec: str, tmp: Path) -> None:
+def _ship_members(spec: str, tmp: Path, copied: dict[Path, str]) -> None:
     """The run spec as members.json, its adapters and templates copied in and named relative to the bundle.
 
     Relative paths in a spec are read relative to the spec's folder, so the notebook can use it wherever
-    Kaggle mounts the bundle. Model paths stay as written: models are attached as their own Kaggle inputs.
+    Kaggle mounts the bundle. Model paths stay as the spec wrote them: models are attached as their own
+    Kaggle inputs (write them as /kaggle/input/...).
     """
     from dataclasses import asdict
 
     from .ensemble import read_spec
 
     members, combine = read_spec(spec)
+    written, _ = read_spec(spec, resolve_paths=False)
     out = []
-    for m in members:
+    for n, (m, raw) in enumerate(zip(members, written)):
         entry = {k: v for k, v in asdict(m).items() if v is not None}
+        if raw.model is not None:
+            entry["model"] = raw.model
         if m.adapter not in ("auto", "none"):
-            entry["adapter"] = _copy_adapter(Path(m.adapter), tmp)
+            entry["adapter"] = _copy_adapter(Path(m.adapter), tmp, copied)
         if m.template:
             (tmp / "templates").mkdir(exist_ok=True)
-            name = f"templates/{len(out)}-{Path(m.template).name}"
+            name = f"templates/{n}-{Path(m.template).name}"
             shutil.copyfile(m.template, tmp / name)
             entry["template"] = name
         out.append(entry)
@@ -183,10 +196,11 @@ def bundle(args: BundleArgs) -> dict:
                 if args.deps == "default" else {})
         pins.pop("prompt-recovery", None)
         download_wheels(pins, wheels, args.python_version)
+        copied: dict[Path, str] = {}
         for adapter in args.adapter:
-            _copy_adapter(Path(adapter), tmp)
+            _copy_adapter(Path(adapter), tmp, copied)
         if args.members:
-            _ship_members(args.members, tmp)
+            _ship_members(args.members, tmp, copied)
         if args.model:
             if not (Path(args.model) / "config.json").is_file():
                 raise InputError(f"model folder {args.model} has no config.json")

@@ -44,8 +44,11 @@ class Member:
         return self.args.model
 
 
-def read_spec(path: str) -> tuple[list[MemberArgs], str | None]:
-    """Members (and an optional combine) from a TOML or JSON run spec; InputError for anything malformed."""
+def read_spec(path: str, resolve_paths: bool = True) -> tuple[list[MemberArgs], str | None]:
+    """Members (and an optional combine) from a TOML or JSON run spec; InputError for anything malformed.
+
+    ``resolve_paths``: relative paths become paths relative to the spec's folder (False: as written).
+    """
     if not os.path.isfile(path):
         raise InputError(f"members spec not found: {path}")
     try:
@@ -74,7 +77,8 @@ def read_spec(path: str) -> tuple[list[MemberArgs], str | None]:
             raise InputError(f"{path}: member {n + 1} has unknown field(s) {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(known))})")
         try:
-            members.append(MemberArgs(**_relative_to(entry, os.path.dirname(os.path.abspath(path)))))
+            folder = os.path.dirname(os.path.abspath(path))
+            members.append(MemberArgs(**(_relative_to(entry, folder) if resolve_paths else entry)))
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: member {n + 1}: {exc}") from None
     combine = data.get("combine")
@@ -121,13 +125,22 @@ def resolve_members(args: PredictArgs) -> tuple[list[Member], str]:
 
 
 def _check_paths(spec: MemberArgs) -> None:
-    # Checked before anything runs: a typo in the second member must not cost the first member's hour.
+    # Checked before anything runs, cheaply (no weights): a typo in the second member must not cost the first
+    # member's hour. What only a loaded model can tell (an adapter for another base) fails that member alone.
+    from .prompt import Template
+
     if spec.model is not None and not os.path.exists(os.path.expanduser(spec.model)):
         raise InputError(f"model not found: {spec.model} (give an HF model folder or a .gguf file)")
-    if spec.adapter not in ("auto", "none") and not os.path.isdir(spec.adapter):
-        raise InputError(f"adapter folder not found: {spec.adapter}")
-    if spec.template is not None and not os.path.isfile(spec.template):
-        raise InputError(f"template file not found: {spec.template}")
+    if spec.adapter not in ("auto", "none"):
+        if not os.path.isdir(spec.adapter):
+            raise InputError(f"adapter folder not found: {spec.adapter}")
+        if not os.path.isfile(os.path.join(spec.adapter, "adapter_config.json")):
+            raise InputError(f"adapter folder {spec.adapter} has no adapter_config.json")
+    if spec.template is not None:
+        try:
+            Template.load(spec.template)
+        except (OSError, ValueError, TypeError) as exc:  # json errors are ValueErrors
+            raise InputError(f"cannot read template {spec.template}: {exc}") from None
 
 
 def _default_name(adapter: str) -> str:
@@ -139,12 +152,28 @@ def _default_name(adapter: str) -> str:
 
 
 def _key(name: str, spec: MemberArgs, args: PredictArgs) -> str:
-    # Everything that changes what this member generates; resumed candidates must have been made the same way.
+    # Everything that changes what this member generates; resumed candidates must have been made the same way
+    # (an adapter retrained into the same folder, or another model file under the same path, counts too).
     what = {**asdict(spec), "share": None, "max_new_tokens": args.generation.max_new_tokens,
             "max_input_tokens": args.prompt.max_input_tokens, "answer_prefix_default": args.prompt.answer_prefix,
-            "template_default": args.prompt.template, "quantize": args.model.quantize, "dtype": args.model.dtype}
+            "template_default": args.prompt.template, "quantize": args.model.quantize, "dtype": args.model.dtype,
+            "device": args.model.device, "merge_lora": args.model.merge_lora,
+            "max_prompt_words": args.out.max_prompt_words, "files": [_stamp(spec.adapter), _stamp(spec.model),
+                                                                     _stamp(spec.template)]}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{name}@{digest}"
+
+
+def _stamp(path: str | None) -> list | None:
+    """Size and modification time of the weight / config files under ``path`` (cheap: no hashing)."""
+    if not path or path in ("auto", "none") or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith((".safetensors", ".bin", ".json", ".gguf")))
+    return [(os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
 
 
 def groups(members: Sequence[Member]) -> list[list[Member]]:

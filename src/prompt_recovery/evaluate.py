@@ -20,10 +20,10 @@ import numpy as np
 
 from .config import EvaluateArgs, PredictArgs
 from .data import InputError, read_table
-from .ensemble import COMBINES, Combiner, resolve_members
-from .postprocess import UNCHANGED_PROMPT, fit_with_suffix, unchanged
-from .predict import Finisher, predict, resolve_fallback
-from .submission import CandidateLog, input_fingerprint
+from .ensemble import COMBINES, FIRST, MBR, Combiner, resolve_members
+from .postprocess import UNCHANGED_PROMPT, unchanged
+from .predict import Finisher, make_combiner, predict, resolve_fallback, resolve_suffix
+from .rows import RULE, Rows
 
 log = logging.getLogger(__name__)
 
@@ -63,49 +63,42 @@ def predict_args(args: EvaluateArgs) -> PredictArgs:
                        report=os.path.join(args.output, "report.json"), **shared)
 
 
-def variants_from_candidates(pargs: PredictArgs, rows, fallback: str, embed) -> dict[str, list[str]]:
-    """Every variant's text per row, from the stored candidates (members alone, combinations, suffixes)."""
+def variants_from_candidates(pargs: PredictArgs, rows: Sequence, fallback: str) -> dict[str, list[str]]:
+    """Every variant's text per row, re-derived from the stored candidates the way predict derives its own.
+
+    The same ``Rows`` (rules, resumed candidates), the same combiners and the same ``Finisher`` (suffix, and
+    trimming with ``--embedder``'s tokenizer) as predict: the variant that matches the run's own settings
+    reproduces its submission.
+    """
     members, _ = resolve_members(pargs)
-    ids = [r.id for r in rows]
-    cands: list[dict[str, dict[int, str | None]]] = [{} for _ in rows]
-    keys = {m.key: m.name for m in members}
-    log_ = CandidateLog(CandidateLog.path_for(pargs.output),
-                        input_fingerprint(ids, [(r.original_text, r.rewritten_text) for r in rows]))
-    for rec in log_.load(ids):
-        name = keys.get(rec["member"])
-        if name is not None:
-            cands[rec["row"]].setdefault(name, {})[rec["sample"]] = rec.get("text")
     names = [m.name for m in members]
-
-    def usable(i: int, which: Sequence[str]) -> list[str]:
-        return [t for m in which for _, t in sorted(cands[i].get(m, {}).items()) if t]
-
-    def rule(i: int) -> str | None:
-        r = rows[i]
-        if not r.usable:
-            return fallback
-        return UNCHANGED_PROMPT if unchanged(r.original_text, r.rewritten_text) else None
-
-    combiners = {c: Combiner(c, fallback, embed) for c in COMBINES}
-    raw: dict[str, list[str | None]] = {}
+    state = Rows(rows, fallback, pargs.output)
+    for i, row in enumerate(rows):
+        if row.usable and unchanged(row.original_text, row.rewritten_text):
+            state.set_rule(i, UNCHANGED_PROMPT)
+    state.resume({m.key: m.name for m in members})
+    combiners = {c: make_combiner(c, fallback, pargs.out) if c == MBR else Combiner(c, fallback) for c in COMBINES}
+    picks: dict[str, tuple[list[str], Combiner]] = {}
     if len(members) > 1 or any(m.args.samples > 1 for m in members):
         for m in members:
-            raw[f"{m.name} alone"] = [(usable(i, [m.name]) or [None])[0] for i in range(len(rows))]
+            picks[f"{m.name} alone"] = ([m.name], combiners[FIRST])
             if m.args.samples > 1:
-                raw[f"{m.name}, mbr of its samples"] = combiners["mbr"].many([usable(i, [m.name])
-                                                                               for i in range(len(rows))])
-        for c, combiner in combiners.items():
-            raw[f"combine {c}"] = combiner.many([usable(i, names) for i in range(len(rows))])
+                picks[f"{m.name}, mbr of its samples"] = ([m.name], combiners[MBR])
+        for c in COMBINES:
+            picks[f"combine {c}"] = (names, combiners[c])
     else:
-        raw[f"{members[0].name}"] = [(usable(i, names) or [None])[0] for i in range(len(rows))]
-    out: dict[str, list[str]] = {"fallback prompt alone": [rule(i) or fallback for i in range(len(rows))]}
-    suffixes = {"": "", " + suffix": Finisher(pargs.out).suffix, " + mean prompt": fallback}
-    for name, texts in raw.items():
-        for label, suffix in suffixes.items():
-            if label and not suffix:
+        picks[members[0].name] = (names, combiners[FIRST])
+    suffix = resolve_suffix(pargs.out)
+    finishers = {"": Finisher(pargs.out, suffix=""), " + suffix": Finisher(pargs.out, suffix=suffix),
+                 " + mean prompt": Finisher(pargs.out, suffix=fallback)}
+    out: dict[str, list[str]] = {"fallback prompt alone": [s.prompt if s.source == RULE else fallback
+                                                           for s in state.states]}
+    for name, (which, combiner) in picks.items():
+        for label, finish in finishers.items():
+            if label == " + suffix" and not suffix:
                 continue
-            out[name + label] = [rule(i) or (fit_with_suffix(t, suffix) if t else fallback)
-                                 for i, t in enumerate(texts)]
+            state.recombine(range(len(rows)), which, combiner.many, finish)
+            out[name + label] = [s.prompt for s in state.states]
     return out
 
 
@@ -123,8 +116,7 @@ def evaluate(args: EvaluateArgs, *, loader=None) -> Evaluation:
     with open(pargs.output, newline="", encoding="utf-8") as f:
         submitted = [r["rewrite_prompt"] for r in csv.DictReader(f)]
     scorers = [Embedder(path) for path in (args.scorer or [None])]
-    mbr_embed = Embedder(pargs.out.embedder).embed if pargs.out.embedder else scorers[0].embed
-    variants = {"submission": submitted, **variants_from_candidates(pargs, rows, fallback, mbr_embed)}
+    variants = {"submission": submitted, **variants_from_candidates(pargs, rows, fallback)}
     per_row: dict[tuple[str, str], np.ndarray] = {}
     means: dict[str, dict[str, float]] = {v: {} for v in variants}
     for scorer in scorers:

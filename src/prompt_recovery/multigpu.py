@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import BudgetArgs, PredictArgs
 from .data import read_test
-from .submission import read_submission, write_submission
+from .submission import CandidateLog, input_fingerprint, read_submission, write_submission
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 REPLICA_HEADROOM = 0.6
 # Set in each replica process to its index (logs, tests, benchmarks).
 REPLICA_ENV = "PROMPT_RECOVERY_REPLICA"
+# Seconds past the run's end a replica may take to exit (it has stopped itself a margin before the end).
+REPLICA_GRACE_S = 10.0
 
 
 def weight_bytes(folder: str | None, quantize: str) -> int | None:
@@ -118,7 +120,18 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str,
         procs.append(proc)
         shards.append((positions, shard_out, budget_file))
     for proc in procs:
-        proc.join()
+        # Each replica stops itself before the end (its own deadline and margin); one that hangs (a CUDA call
+        # that never returns) must not hold the notebook past its limit, where Kaggle would score nothing.
+        proc.join(max(0.0, end_wall + REPLICA_GRACE_S - time.time()))
+        if proc.is_alive():
+            log.warning("replica %s is still running at the run's end; it is stopped, its rows keep what it wrote",
+                        proc.name)
+            proc.terminate()
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    _merge_candidates(args.output, rows, shards)
     prompts = [fallback] * len(ids)
     merged = 0
     budgets = []
@@ -141,6 +154,20 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str,
             "end_wall": end_wall, "budgets": budgets}
 
 
+def _merge_candidates(output: str, rows, shards) -> None:
+    """The replicas' candidate logs as one OUTPUT.candidates.jsonl, rows numbered as in the whole input."""
+    ids = [r.id for r in rows]
+    merged = CandidateLog(CandidateLog.path_for(output),
+                          input_fingerprint(ids, [(r.original_text, r.rewritten_text) for r in rows]))
+    merged.start(keep=False)
+    for positions, shard_out, _ in shards:
+        shard_rows = [rows[i] for i in positions]
+        shard_ids = [r.id for r in shard_rows]
+        log_ = CandidateLog(CandidateLog.path_for(str(shard_out)),
+                            input_fingerprint(shard_ids, [(r.original_text, r.rewritten_text) for r in shard_rows]))
+        merged.append([{**rec, "row": positions[rec["row"]]} for rec in log_.load(shard_ids)])
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -152,13 +179,20 @@ def predict_on_gpus(args: PredictArgs, fallback: str) -> tuple[str, object]:
     """Pick single / spread / replicas from the GPUs present and the model's size, then run predict."""
     import torch
 
+    from .ensemble import resolve_members
     from .model import resolve
     from .predict import predict
 
     n = torch.cuda.device_count() if args.model.device != "cpu" else 0
     per_gpu = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) if n else None
-    folder = resolve(args.model)[0] if n >= 2 else None
-    mode = plan(n, per_gpu, weight_bytes(folder, args.model.quantize))
+    largest = None
+    if n >= 2:
+        # Every member's model must fit a card for replicas: a spec naming a 7B beside the embedded 270M spreads.
+        models = {m.model for m in resolve_members(args)[0]}
+        sizes = [weight_bytes(resolve(dataclasses.replace(args.model, model=m))[0], args.model.quantize)
+                 for m in models]
+        largest = None if None in sizes else max(sizes)
+    mode = plan(n, per_gpu, largest)
     if mode == "replicas":
         return mode, predict_sharded(args, [str(i) for i in range(n)], fallback)
     return mode, predict(args)  # one GPU, none, or a model that must spread over all (device_map="auto")

@@ -46,8 +46,13 @@ class MemberReport:
     """Answers asked of this member in this run (rows x samples, minus those resumed)."""
     answered: int = 0
     """Usable answers it gave."""
+    cut: int = 0
+    """Answers the time bound stopped while still running (used, but made again by --resume)."""
     failed: dict = field(default_factory=dict)
     """Answers it did not give, by reason."""
+
+    def count(self, reason: str | None) -> None:
+        self.failed[reason or "unknown"] = self.failed.get(reason or "unknown", 0) + 1
 
 
 @dataclass
@@ -108,8 +113,9 @@ class Report:
         if len(self.members) > 1 or any(m["adapter"] not in ("none",) for m in self.members):
             for m in self.members:
                 failed = ", ".join(f"{k}: {v}" for k, v in sorted(m["failed"].items()))
+                cut = f", {m['cut']} cut short by the time bound" if m["cut"] else ""
                 lines.append(f"member {m['name']} ({m['adapter_type'] or 'no adapter'}): {m['answered']} of "
-                             f"{m['requests']} answered" + (f" ({failed})" if failed else ""))
+                             f"{m['requests']} answered{cut}" + (f" ({failed})" if failed else ""))
             if len(self.members) > 1:
                 lines.append(f"candidates combined by {self.combine}")
         lines += [f"recovered: {r}" for r in self.recoveries]
@@ -169,8 +175,8 @@ def _peak_memory(report: Report) -> None:
 class Finisher:
     """A combined prediction -> the submitted text: suffix appended, trimmed to what the scorer reads."""
 
-    def __init__(self, out: OutputArgs) -> None:
-        self.suffix = resolve_suffix(out)
+    def __init__(self, out: OutputArgs, suffix: str | None = None) -> None:
+        self.suffix = resolve_suffix(out) if suffix is None else suffix
         self.count = self.limit = None
         if out.embedder:
             from .score import embedder_token_counter
@@ -182,6 +188,7 @@ class Finisher:
 
 
 def make_combiner(method: str, fallback: str, out: OutputArgs) -> Combiner:
+    """The run's combiner; MBR embeds with the scorer's embedder (--embedder), else the packaged stand-in."""
     embed = None
     if method == MBR:
         from .score import Embedder
@@ -211,12 +218,17 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
 
     members, method = resolve_members(args)
     report.combine = method
-    report.members = [asdict(MemberReport(m.name, m.key, m.model, m.args.adapter)) for m in members]
-    combine = make_combiner(method, fallback, args.out) if len(members) > 1 or _samples(members) > 1 else None
+    if method == "first" and any(m.args.samples > 1 for m in members):
+        report.warnings.append("members with samples > 1 under --combine first use only their first sample; "
+                               "--combine mbr or concat uses them all")
+        log.warning(report.warnings[-1])
+    reports = {m.name: MemberReport(m.name, m.key, m.model, m.args.adapter) for m in members}
+    one_answer = len(members) == 1 and members[0].args.samples == 1
+    combine = make_combiner("first" if one_answer else method, fallback, args.out)  # one answer: nothing to pick
     names = [m.name for m in members]
 
     def recombine(indices) -> None:
-        rows.recombine(indices, names, combine.many if combine else _first_of, finish)
+        rows.recombine(indices, names, combine.many, finish)
 
     for i, state in enumerate(rows.states):
         if not state.row.usable:
@@ -233,23 +245,26 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     todo = [i for i in range(n) if rows[i].row.usable and rows[i].source != RULE]
     if todo:
         plan = groups(members)
+        loading: list = []  # model loads abandoned at their deadline that may still be running
         for g, group in enumerate(plan):
             left = deadline - clock()
             group_deadline = clock() + max(0.0, left) * share_of(group, plan[g:])
             try:
-                _serve_group(args, group, rows, todo, recombine, report, group_deadline, clock, loader)
-            except InputError:
-                raise
+                _serve_group(args, group, rows, todo, recombine, report, reports, group_deadline, clock, loader,
+                             loading)
+            except InputError as exc:
+                if len(plan) == 1:
+                    raise  # the one model or adapter the run has is unusable: the user's to fix (exit 2)
+                # A spec's later member that does not fit must not end the members that do.
+                _group_failed(report, rows, todo, group, exc, "input")
             except Exception as exc:  # the file on disk is complete; this group's rows keep what others gave
-                log.exception("member group %s failed; its rows keep other members' answers or the fallback",
-                              [m.name for m in group])
-                report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                for i in todo:
-                    rows.fall_back(i, f"error: {type(exc).__name__}")
+                log.debug("member group failed", exc_info=True)
+                _group_failed(report, rows, todo, group, exc, "error")
             finally:
                 _release_memory()
         rows.write()
 
+    report.members = [asdict(r) for r in reports.values()]
     report.generated = rows.count(MODEL, fresh=True)
     report.resumed = rows.count(MODEL, fresh=False)  # answered entirely from an earlier run's candidates
     report.fallback = rows.count(FALLBACK)
@@ -266,12 +281,14 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     return report
 
 
-def _first_of(rows_candidates):
-    return [c[0] if c else None for c in rows_candidates]
-
-
-def _samples(members) -> int:
-    return max((m.args.samples for m in members), default=1)
+def _group_failed(report: Report, rows: Rows, todo: list[int], group: list[Member], exc: Exception,
+                  kind: str) -> None:
+    what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    log.warning("member(s) %s failed (%s); their rows keep other members' answers or the fallback",
+                ", ".join(m.name for m in group), what)
+    report.error = what
+    for i in todo:
+        rows.fall_back(i, f"{kind}: {type(exc).__name__}")
 
 
 def _release_memory() -> None:
@@ -285,11 +302,12 @@ def _release_memory() -> None:
         pass
 
 
-def _load_before(load, model_args, seconds: float):
+def _load_before(load, model_args, seconds: float, loading: list):
     """Load the model in a thread; None if it is not done within ``seconds``.
 
     A load cannot be interrupted, but it can be abandoned: the daemon thread dies with the process, and the
-    deadline holds even when the disk or the dequantization is slower than the budget.
+    deadline holds even when the disk or the dequantization is slower than the budget. An abandoned load
+    goes on in the background, so it is kept in ``loading``: no later model may load beside it.
     """
     box: dict = {}
 
@@ -303,68 +321,62 @@ def _load_before(load, model_args, seconds: float):
     thread.start()
     thread.join(max(seconds, 0.0))
     if thread.is_alive():
+        loading.append(thread)
         return None
     if "error" in box:
         raise box["error"]
     return box["value"]
 
 
-@dataclass
-class _Job:
-    """One answer to make: a row, a member, a sample."""
-
-    row: int
-    member: Member
-    sample: int
-    adapter: str | None
-    prefix: str
-
-
-def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[int], recombine,
-                 report: Report, deadline: float, clock, loader) -> None:
+def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[int], recombine, report: Report,
+                 reports: dict[str, MemberReport], deadline: float, clock, loader, loading: list) -> None:
     """Load one model with every member's adapter, then serve all members' rows in one scheduler run."""
     from . import model as model_lib
     from .engine import Engine, Request
     from .prompt import PromptBuilder, newline_token_ids
 
-    reports = {m["name"]: m for m in report.members}
-    jobs = {(i, m.rank, s): None for m in group for i in todo for s in range(m.args.samples)
-            if not rows.has(i, m.name, s)}
-    if not jobs:
+    # One key per answer to make: (row, member rank, sample), minus what an earlier run already made.
+    keys = [(i, m.rank, s) for m in group for i in todo for s in range(m.args.samples) if not rows.has(i, m.name, s)]
+    if not keys:
         return
+    by_rank = {m.rank: m for m in group}
     for m in group:
-        reports[m.name]["requests"] = sum(1 for k in jobs if k[1] == m.rank)
-    t = clock()
-    if t >= deadline:
-        _miss(jobs, rows, reports, group, "deadline")
+        reports[m.name].requests = sum(1 for k in keys if k[1] == m.rank)
+    for thread in loading:  # a model abandoned by an earlier group may still be loading onto the same device
+        thread.join(max(0.0, deadline - clock()))
+    if clock() >= deadline or any(t.is_alive() for t in loading):
+        _miss(keys, rows, reports, by_rank, "deadline")
         return
+    t = clock()
     model_args = dataclasses.replace(args.model, model=group[0].model, adapter=[m.args.adapter for m in group])
-    loaded = _load_before(loader or model_lib.load, model_args, deadline - t)
+    loaded = _load_before(loader or model_lib.load, model_args, deadline - t, loading)
     report.load_s += clock() - t
     if loaded is None:
         log.warning("the model did not load before its deadline; its members' rows keep other answers or the "
                     "fallback prompt")
-        _miss(jobs, rows, reports, group, "deadline")
+        _miss(keys, rows, reports, by_rank, "deadline")
         return
     report.model = {**loaded.identity, **loaded.info}
     tok = loaded.tokenizer
-    by_rank = {m.rank: m for m in group}
-    requests = {}
-    for rank, m in by_rank.items():
-        j = group.index(m)
+    adapter = {m.rank: loaded.adapter_names[j] for j, m in enumerate(group)}
+    prefix: dict[int, str] = {}
+    prompt_ids: dict[tuple[int, int], list[int]] = {}
+    for j, m in enumerate(group):
         template = _template(args, m, loaded.adapter_paths[j])
-        reports[m.name]["adapter_type"] = loaded.kinds.get(loaded.adapter_names[j]) if loaded.adapter_names[j] else None
-        if rank == group[0].rank:
+        prefix[m.rank] = template.answer_prefix
+        reports[m.name].adapter_type = loaded.kinds.get(adapter[m.rank]) if adapter[m.rank] else None
+        if j == 0:
             report.template = asdict(template)
         builder = PromptBuilder(tok, template, args.prompt.max_input_tokens)
-        for key in [k for k in jobs if k[1] == rank]:
-            i, _, s = key
-            sampled = m.args.samples > 1
-            jobs[key] = _Job(i, m, s, loaded.adapter_names[j], template.answer_prefix)
-            requests[key] = Request(builder.build(rows[i].row.original_text, rows[i].row.rewritten_text),
-                                    adapter=loaded.adapter_names[j],
-                                    temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
-                                    seed=_seed(m.args.seed, i, s))
+        for i in {k[0] for k in keys if k[1] == m.rank}:  # once per row and member, whatever its samples
+            prompt_ids[i, m.rank] = builder.build(rows[i].row.original_text, rows[i].row.rewritten_text)
+    requests = {}
+    for i, rank, s in keys:
+        m = by_rank[rank]
+        sampled = m.args.samples > 1
+        requests[i, rank, s] = Request(prompt_ids[i, rank], adapter=adapter[rank],
+                                       temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
+                                       seed=_seed(m.args.seed, rank, i, s))
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
@@ -373,23 +385,26 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
 
     def on_batch(done: dict[tuple, Outcome]) -> None:
         entries = []
-        for key, outcome in done.items():
-            job = jobs[key]
-            name = job.member.name
+        for (i, rank, sample), outcome in done.items():
+            member = by_rank[rank]
+            mrep = reports[member.name]
             if outcome.tokens is None:
-                _count(reports[name], outcome.reason)
-                rows.fall_back(job.row, outcome.reason or "unknown")
+                mrep.count(outcome.reason)
+                rows.fall_back(i, outcome.reason or "unknown")
                 continue  # not logged: on --resume it is tried again
             report.new_tokens += len(outcome.tokens)
-            text = clean(tok.decode(outcome.tokens, skip_special_tokens=True), job.prefix,
+            text = clean(tok.decode(outcome.tokens, skip_special_tokens=True), prefix[rank],
                          args.out.max_prompt_words)
             if text is None:
-                _count(reports[name], "unusable_generation")
-                rows.fall_back(job.row, "unusable_generation")  # junk: the mean prompt scores better
+                mrep.count("unusable_generation")
+                rows.fall_back(i, "unusable_generation")  # junk: the mean prompt scores better
             else:
-                reports[name]["answered"] += 1
-            rows.add(job.row, name, job.sample, text)
-            entries.append((job.row, job.member.key, name, job.sample, text))
+                mrep.answered += 1
+            rows.add(i, member.name, sample, text)
+            if outcome.timed_out:
+                mrep.cut += 1  # serves this run's file, but --resume makes it again: it may be unfinished
+            else:
+                entries.append((i, member.key, member.name, sample, text))
         rows.record(entries)
         recombine({k[0] for k in done})
         rows.write()
@@ -417,30 +432,26 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
         progress=args.progress,
         desc=" + ".join(m.name for m in group) if len(group) > 1 else "predict",
     )
-    # Every row's first (best-ranked) answer before anyone's second: if time runs short, rows lose extras.
-    scheduler.run(requests, tiers={k: (k[1], k[2]) for k in requests})
+    # Every member's first answer for every row before anyone's second sample, members in priority order:
+    # when time runs short, rows lose extras, not answers.
+    scheduler.run(requests, tiers={k: (k[2], k[1]) for k in requests})
     report.generate_s += clock() - gen_start
     stats = scheduler.stats.as_dict()
     report.batches += stats["batches"]
     report.oom_splits += stats["oom_splits"]
-    report.prompt_tokens += sum(b["rows"] * b["padded_len"] for b in stats["batches"] if b["status"] != "error")
+    report.prompt_tokens += sum(b["prefill_tokens"] for b in stats["batches"])
 
 
-def _count(member_report: dict, reason: str | None) -> None:
-    failed = member_report["failed"]
-    failed[reason or "unknown"] = failed.get(reason or "unknown", 0) + 1
-
-
-def _miss(jobs, rows: Rows, reports: dict, group: list[Member], reason: str) -> None:
-    by_rank = {m.rank: m for m in group}
-    for i, rank, _ in jobs:
-        _count(reports[by_rank[rank].name], reason)
+def _miss(keys, rows: Rows, reports: dict, by_rank: dict, reason: str) -> None:
+    for i, rank, _ in keys:
+        reports[by_rank[rank].name].count(reason)
         rows.fall_back(i, reason)
 
 
-def _seed(seed: int, row: int, sample: int) -> int:
-    # A stream per (member seed, row, sample): the same answers whatever batch a row lands in.
-    return (seed * 1_000_003 + row * 7_919 + sample) % (2**63)
+def _seed(seed: int, rank: int, row: int, sample: int) -> int:
+    # A stream per (member, row, sample): the same answers whatever batch a row lands in, and two sampled
+    # members with the same seed still draw different answers.
+    return (seed * 1_000_003 + rank * 999_983 + row * 7_919 + sample) % (2**63)
 
 
 def _template(args: PredictArgs, member: Member, adapter_path: str | None):

@@ -150,17 +150,22 @@ class CandidateLog:
     def path_for(output: str) -> str:
         return output + ".candidates.jsonl"
 
+    def _lines(self) -> list[str]:
+        with open(self.path, encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    def _ours(self, lines: list[str]) -> bool:
+        try:
+            return bool(lines) and json.loads(lines[0]).get("input") == self.fingerprint
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
     def load(self, ids: Sequence[str]) -> list[dict]:
         """Records of this input whose row index and id still agree: {row, id, member, name, sample, text}."""
         if not os.path.exists(self.path):
             return []
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        try:
-            head = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            head = {}
-        if head.get("input") != self.fingerprint:
+        lines = self._lines()
+        if not self._ours(lines):
             log.warning("candidates file %s belongs to another input; starting afresh", self.path)
             return []
         records = []
@@ -178,9 +183,18 @@ class CandidateLog:
         return records
 
     def start(self, keep: bool) -> None:
-        """Begin the log, keeping the existing lines when resuming the same input."""
+        """Begin the log; when resuming the same input, keep its lines (a torn last line is cut off, so the
+        next record starts on a line of its own). A log of another input is replaced, never appended to."""
         if keep and os.path.exists(self.path):
-            return
+            with open(self.path, "rb") as f:
+                data = f.read()
+            if self._ours(data.decode("utf-8", "replace").splitlines()):
+                end = data.rfind(b"\n") + 1
+                if end < len(data):
+                    with open(self.path, "r+b") as f:
+                        f.truncate(end)
+                        os.fsync(f.fileno())
+                return
         with open(self.path, "w", encoding="utf-8") as f:
             f.write(json.dumps({"input": self.fingerprint}) + "\n")
             f.flush()

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from peft import PeftModel
 
+from ..engine import out_of_memory
 from ..model import AdapterMismatch
 
 
@@ -23,6 +24,8 @@ def load(model, folders: Mapping[str, str], merge: bool):
             else:
                 peft_model.load_adapter(folder, adapter_name=name, is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
+            if out_of_memory(exc):
+                raise  # not a mismatch: the caller's out-of-memory handling applies
             raise AdapterMismatch(f"LoRA adapter {folder} does not fit the model: {str(exc).splitlines()[0]}") from None
     peft_model.eval()
     if merge:
