@@ -93,5 +93,13 @@ def test_notebook_runs_the_bundled_run_spec(tiny_model_dir, tmp_path, monkeypatc
     report = json.loads((kaggle / "working" / "report.json").read_text())
     assert [m["name"] for m in report["members"]] == ["soft", "lora"] and report["combine"] == "mbr"
     log = (kaggle / "working" / "submission.csv.candidates.jsonl").read_text().splitlines()[1:]
-    assert sorted({(json.loads(x)["name"], json.loads(x)["sample"]) for x in log}) == [
-        ("lora", 0), ("lora", 1), ("soft", 0)]
+    recs = [json.loads(x) for x in log]
+    assert sorted({(r["name"], r["sample"]) for r in recs}) == [("lora", 0), ("lora", 1), ("soft", 0)]
+    written = assert_valid_submission(kaggle / "working" / "submission.csv", ids)
+    fallback = " ".join((bundled / "mean_prompt.txt").read_text().split())
+    for i, prompt in enumerate(written):  # mbr picks one of the row's own candidates (then the suffix, if any)
+        usable = [r["text"] for r in recs if r["row"] == i and r["text"]]
+        if usable:
+            assert any(prompt == u or prompt.startswith(u + " ") for u in usable), (prompt, usable)
+        else:
+            assert prompt == fallback

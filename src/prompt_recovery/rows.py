@@ -27,7 +27,7 @@ class RowState:
     source: str = FALLBACK
     """fallback, rule or model."""
     reason: str | None = None
-    """Why the row falls back (or, once generated, why some member did not contribute)."""
+    """Why the row falls back: the first reason an answer for it was not made (read only while it does)."""
     candidates: dict[str, dict[int, str | None]] = field(default_factory=dict)
     """Member name -> {sample: answer}; None marks an answer that was unusable (done, not to be made again)."""
     fresh: bool = False
