@@ -147,7 +147,8 @@ def test_fluency_guard_keeps_rejected_candidates_out_of_the_beams():
 
 
 @pytest.mark.parametrize("text, ok", [
-    ("Make this as and rewritten more formal.", False),  # two joining words in a row
+    ("Make this as and rewritten more formal.", False),
+    ("Rewrite this poem as and story formally.", False),  # two joining words in a row
     ("Rewrite this text in a more formal tone.", True),
     ("Make this more formal.", True),
     ("Rewrite this as a poem. Keep it short.", True),
@@ -255,7 +256,7 @@ def test_cli_takes_embedder_twice_and_prints_labelled_moves(tmp_path, monkeypatc
 
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
     train = _prompts(tmp_path / "t.csv", [(1, "make it formal")])
-    assert main(["optimize-prompt", train, "--holdout", "1.5"]) == 2
+    assert main(["optimize-prompt", train, "--holdout=-0.1"]) == 2
     assert main(["optimize-prompt", train, "--holdout", "0.5", "--embedder", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "holdout" in err[0] and "not found" in err[1]
@@ -281,5 +282,6 @@ def test_suffix_objective_matches_scoring_each_joined_row():
     e = StubEmbedder()
     preds, gold = ["make it", "rewrite this"], ["make it formal", "rewrite this as a poem"]
     obj = SuffixObjective(e, preds, gold)
-    want = float(score.score_pairs(e, [p + " a poem" for p in preds], gold).mean())
-    assert obj(["a poem"])[0] == pytest.approx(want)
+    for k, suffix in enumerate(["a poem", "formal", ""]):
+        want = float(score.score_pairs(e, [f"{p} {suffix}".strip() for p in preds], gold).mean())
+        assert obj(["a poem", "formal", ""])[k] == pytest.approx(want)
