@@ -191,7 +191,7 @@ def test_perplexity_is_the_texts_own_tokens_after_the_context_whatever_the_batch
 
 def _args(tmp_path, **kw):
     return OptimizeArgs(prompts_csv=kw.pop("prompts_csv"), output=str(tmp_path / "out.txt"), progress=False,
-                        rounds=kw.pop("rounds", 15), candidates_per_round=32, **kw)
+                        rounds=kw.pop("rounds", 15), candidates_per_round=kw.pop("candidates_per_round", 32), **kw)
 
 
 def _prompts(path, rows):
@@ -231,6 +231,10 @@ def test_suffix_search_holds_rows_out(tmp_path):
     assert report["mode"] == "suffix" and report["train_rows"] + report["heldout_rows"] == 6
     assert "formal" in report["best"].split()
     assert report["heldout"] > report["scores"]["no suffix"]["heldout"]["combined"]
+    # A start given on the command line is among the starts: here the best of them on the held-out rows.
+    args = _args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5, start=["formal"], rounds=1,
+                 candidates_per_round=1)
+    assert optimize(args, [StubEmbedder()])["start"] == "formal"
 
 
 def test_cli_takes_embedder_twice_and_prints_labelled_moves(tmp_path, monkeypatch, capsys):

@@ -181,6 +181,8 @@ class OptimizeArgs:
     """Share of distinct gold prompts (rows, with --predictions) kept out of the search to stop it; 0: none."""
     val: str | None = None
     """Held-out gold prompts from this CSV instead of --holdout (with --predictions: ids that have predictions)."""
+    start: list[str] = field(default_factory=list)
+    """Another start candidate beside the built-in ones (repeatable)."""
     fluency: Literal["none", "function-words", "perplexity"] = "none"
     """Fluency guard on candidates: none, a function-word heuristic, or a perplexity ceiling under the base LM."""
     max_function_rate: float = 0.5
@@ -222,6 +224,7 @@ class OptimizeArgs:
             raise ValueError(f"max_perplexity must be above 1; got {self.max_perplexity}")
         self.embedder = list(self.embedder or [])
         self.extra_prompts = list(self.extra_prompts or [])
+        self.start = list(self.start or [])
 
 
 Method = Literal["prompt-tuning", "prefix-tuning", "lora"]

@@ -488,7 +488,7 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
         holdout = (Combined([MeanObjective(e, held_gold, c) for e, c in zip(embedders, caches)], args.objective,
                             ref) if held_gold else None)
         # Each distinct training prompt is a start too: the best single training prompt is a bar to beat.
-        starts = [BASELINE, PUBLIC_MEAN_PROMPT, *GENERIC_STARTS, *dict.fromkeys(train_gold)]
+        starts = [BASELINE, PUBLIC_MEAN_PROMPT, *GENERIC_STARTS, *args.start, *dict.fromkeys(train_gold)]
         allow_empty = False
         report.update(mode="mean_prompt", train_prompts=len(train_gold), heldout_prompts=len(held_gold))
         reference = [BASELINE, PUBLIC_MEAN_PROMPT]
@@ -520,7 +520,7 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
 
         objective = suffix_objective(train_rows)
         holdout = suffix_objective(held_rows) if held_rows else None
-        starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, *GENERIC_STARTS]
+        starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, *GENERIC_STARTS, *args.start]
         allow_empty = True
         report.update(mode="suffix", train_rows=len(train_rows), heldout_rows=len(held_rows))
         reference = [""]
