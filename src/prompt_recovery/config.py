@@ -183,8 +183,8 @@ class OptimizeArgs:
     """Held-out gold prompts from this CSV instead of --holdout (with --predictions: ids that have predictions)."""
     start: list[str] = field(default_factory=list)
     """Another start candidate beside the built-in ones (repeatable)."""
-    fluency: Literal["none", "function-words", "perplexity"] = "none"
-    """Fluency guard on candidates: none, a function-word heuristic, or a perplexity ceiling under the base LM."""
+    fluency: list[str] = field(default_factory=list)
+    """Fluency guard (repeatable, all must pass): function-words (a heuristic) or perplexity (under the base LM)."""
     max_function_rate: float = 0.5
     """--fluency function-words: most function words per word of a candidate."""
     max_perplexity: float | None = None
@@ -217,7 +217,9 @@ class OptimizeArgs:
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in [0, 1); got {self.holdout}")
         _choice("objective", self.objective, ("mean", "worst"))
-        _choice("fluency", self.fluency, ("none", "function-words", "perplexity"))
+        self.fluency = [g for g in dict.fromkeys(self.fluency or []) if g != "none"]
+        for guard in self.fluency:
+            _choice("fluency", guard, ("none", "function-words", "perplexity"))
         if not 0 < self.max_function_rate <= 1:
             raise ValueError(f"max_function_rate must be in (0, 1]; got {self.max_function_rate}")
         if self.max_perplexity is not None and self.max_perplexity <= 1:

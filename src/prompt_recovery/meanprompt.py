@@ -436,22 +436,36 @@ def _read_gold(paths: Sequence[str], column: str) -> tuple[list[str], list[str]]
 
 
 def _fluency_guard(args, train_gold: Sequence[str], report: dict):
-    if args.fluency == "none":
-        return None
-    if args.fluency == "function-words":
-        report["fluency"] = {"guard": "function-words", "max_function_rate": args.max_function_rate}
-        return function_word_guard(args.max_function_rate)
-    from .config import ModelArgs
-    from .model import load
+    """The guards ``--fluency`` names, as one: a candidate must pass all of them."""
+    guards = []
+    report["fluency"] = {"guards": list(args.fluency)}
+    if "function-words" in args.fluency:
+        report["fluency"]["max_function_rate"] = args.max_function_rate
+        guards.append(function_word_guard(args.max_function_rate))
+    if "perplexity" in args.fluency:
+        from .config import ModelArgs
+        from .model import load
 
-    loaded = load(ModelArgs(adapter="none"))
-    ppl = Perplexity(loaded.model, loaded.tokenizer)
-    ceiling = args.max_perplexity
-    if ceiling is None:
-        # As fluent as three in four real training prompts: a ceiling in the model's own units, not a guess.
-        ceiling = float(np.percentile(ppl(list(dict.fromkeys(train_gold))), 75))
-    report["fluency"] = {"guard": "perplexity", "model": loaded.identity.get("name"), "max_perplexity": ceiling}
-    return perplexity_guard(ppl, ceiling)
+        loaded = load(ModelArgs(adapter="none"))
+        ppl = Perplexity(loaded.model, loaded.tokenizer)
+        ceiling = args.max_perplexity
+        if ceiling is None:
+            # As fluent as three in four real training prompts: a ceiling in the model's own units, not a guess.
+            ceiling = float(np.percentile(ppl(list(dict.fromkeys(train_gold))), 75))
+        report["fluency"].update(model=loaded.identity.get("name"), max_perplexity=ceiling)
+        guards.append(perplexity_guard(ppl, ceiling))
+    if not guards:
+        return None
+
+    def accept(texts: Sequence[str]) -> list[bool]:
+        ok = [True] * len(texts)
+        for guard in guards:  # the cheap guard first; the LM only reads what it passed
+            todo = [k for k, v in enumerate(ok) if v]
+            for k, v in zip(todo, guard([texts[k] for k in todo]) if todo else []):
+                ok[k] = v
+        return ok
+
+    return accept
 
 
 def _scores(combined: Combined | None, text: str) -> dict | None:
