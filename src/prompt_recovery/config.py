@@ -188,7 +188,7 @@ class OptimizeArgs:
     max_function_rate: float = 0.5
     """--fluency function-words: most function words per word of a candidate."""
     max_perplexity: float | None = None
-    """--fluency perplexity: ceiling (default: the 75th percentile of the training prompts' perplexities)."""
+    """--fluency perplexity: ceiling (default: the 25th percentile of the training prompts' perplexities)."""
     seed: int = 0
     """Random seed: the same seed and inputs give the same result."""
     time_limit: float = 300.0
