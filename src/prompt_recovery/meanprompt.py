@@ -151,6 +151,13 @@ def join_suffix(prediction: str, suffix: str, embedder=None, max_words: int = SA
     return fit_with_suffix(prediction, suffix, count, limit, max_words)
 
 
+def shipped_mean_prompt() -> str:
+    """The mean prompt the package ships (predict's fallback): a start of every search, so a new search is never
+    worse on its held-out prompts than what is shipped."""
+    path = files("prompt_recovery").joinpath("assets", "mean_prompt.txt")
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+
+
 def shipped_vocabulary() -> list[str]:
     text = files("prompt_recovery").joinpath("assets", "vocab.txt").read_text(encoding="utf-8")
     return [w for w in text.split() if w]
@@ -503,7 +510,8 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
         holdout = (Combined([MeanObjective(e, held_gold, c) for e, c in zip(embedders, caches)], args.objective,
                             ref) if held_gold else None)
         # Each distinct training prompt is a start too: the best single training prompt is a bar to beat.
-        starts = [BASELINE, PUBLIC_MEAN_PROMPT, *GENERIC_STARTS, *args.start, *dict.fromkeys(train_gold)]
+        starts = [BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *args.start,
+                  *dict.fromkeys(train_gold)]
         allow_empty = False
         report.update(mode="mean_prompt", train_prompts=len(train_gold), heldout_prompts=len(held_gold))
         reference = [BASELINE, PUBLIC_MEAN_PROMPT]
@@ -535,7 +543,7 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
 
         objective = suffix_objective(train_rows)
         holdout = suffix_objective(held_rows) if held_rows else None
-        starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, *GENERIC_STARTS, *args.start]
+        starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *args.start]
         allow_empty = True
         report.update(mode="suffix", train_rows=len(train_rows), heldout_rows=len(held_rows))
         reference = [""]
