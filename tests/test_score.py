@@ -12,7 +12,7 @@ from prompt_recovery.cli import main
 from prompt_recovery.config import OptimizeArgs
 from prompt_recovery.meanprompt import MeanObjective, SuffixObjective, optimize, search
 from prompt_recovery.postprocess import fit_with_suffix
-from prompt_recovery.score import score_pairs, sharpened_cosine
+from prompt_recovery.score import score_pairs, sharpened_cosine, sharpened_cosine_matrix
 
 
 class StubEmbedder:
@@ -44,8 +44,19 @@ def test_identical_orthogonal_and_negative_cases_by_hand():
     b = np.array([[2.0, 0.0], [0.0, 5.0], [-1.0, 1.0], [4.0, 3.0]])
     got = sharpened_cosine(a, b)
     want = [1.0, 0.0, (-1 / np.sqrt(2)) ** 3, (24 / 25) ** 3]
-    assert np.allclose(got, want, atol=1e-6)
+    assert np.allclose(got, want, atol=1e-12)
     assert got[2] < 0  # a negative cosine stays negative
+
+
+def test_metric_equals_a_direct_numpy_computation():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 5)) * 3, rng.normal(size=(7, 5))  # unnormalised, some cosines negative
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert (cos < 0).any() and (cos > 0).any()
+    assert np.allclose(sharpened_cosine(a, b), cos**3, atol=1e-12)
+    full = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    assert np.allclose(sharpened_cosine_matrix(a, b), full**3, atol=1e-12)
+    assert np.allclose(sharpened_cosine_matrix(a, b).diagonal(), sharpened_cosine(a, b), atol=1e-12)
 
 
 def test_identical_strings_score_one_with_the_real_embedder():
@@ -55,6 +66,8 @@ def test_identical_strings_score_one_with_the_real_embedder():
     s = score_pairs(e, ["Make this formal.", "Rewrite as a poem."], ["Make this formal.", "Rewrite as a poem."])
     assert np.allclose(s, 1.0, atol=1e-5)
     assert e.standin and "stand-in" in e.label
+    for name in ("packaged", ""):  # the CLI's spellings of the packaged stand-in
+        assert Embedder(name).label == e.label
 
 
 def write(path, rows):
@@ -119,10 +132,11 @@ def test_optimizer_on_real_minilm_never_returns_below_its_best_start(tmp_path):
     prompts = tmp_path / "p.csv"
     prompts.write_text("rewrite_prompt\nMake this formal.\nRewrite this as a poem.\nMake it sound like a pirate.\n"
                        "Turn this into a news report.\nSimplify this text.\n")
-    args = OptimizeArgs(prompts_csv=str(prompts), output=str(tmp_path / "mp.txt"), rounds=3,
+    args = OptimizeArgs(prompts_csv=str(prompts), output=str(tmp_path / "mp.txt"), rounds=3, holdout=0,
                         candidates_per_round=24, progress=False, report=str(tmp_path / "r.json"))
     report = optimize(args)
-    assert report["score"] >= report["start_score"] >= report["baseline"]["score"] - 1e-9
+    base = report["scores"]["Improve the text to this."]["train"]["combined"]
+    assert report["score"] >= report["start_score"] >= base - 1e-9
     best = (tmp_path / "mp.txt").read_text().strip()
     assert best == report["best"]
     # The reported score is the metric itself, recomputed independently.
@@ -132,8 +146,8 @@ def test_optimizer_on_real_minilm_never_returns_below_its_best_start(tmp_path):
     gold = ["Make this formal.", "Rewrite this as a poem.", "Make it sound like a pirate.",
             "Turn this into a news report.", "Simplify this text."]
     again = float(score_pairs(e, [best] * len(gold), gold).mean())
-    assert again == pytest.approx(report["score"], abs=1e-5)
-    assert json.loads((tmp_path / "r.json").read_text())["label"].startswith("stand-in")
+    assert again == pytest.approx(report["scores"]["result"]["train"]["per_embedder"][0], abs=1e-5)
+    assert json.loads((tmp_path / "r.json").read_text())["embedders"][0].startswith("stand-in")
 
 
 def test_fit_with_suffix_trims_the_prediction_never_the_suffix():

