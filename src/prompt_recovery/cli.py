@@ -111,8 +111,12 @@ class _OneLine(logging.Formatter):
 
 
 def log_path(args) -> str | None:
-    """Where a command's library warnings and details go: beside its output (OUTPUT.log), if it has one."""
+    """Where a command's library warnings and details go: beside its output (OUTPUT.log), if it has one;
+    evaluate's output is a folder of its own, so its log goes inside it."""
     output = getattr(args, "output", None)
+    if output and isinstance(args, EvaluateArgs):
+        os.makedirs(output, exist_ok=True)
+        return os.path.join(output, "evaluate.log")
     return os.path.normpath(output) + ".log" if output else None
 
 
