@@ -110,12 +110,12 @@ def _old_generate(model, tok, eos, stop_ids, max_new):
 
 def _soft_prompts(loaded, n):
     """N distinct soft prompts: the shipped one and N-1 perturbed copies (the cost is what is measured)."""
+    from importlib.resources import files
+
     import torch
     from peft.utils import load_peft_weights
 
-    from prompt_recovery import model as model_lib
-
-    path = model_lib.shipped_adapter(model_lib.EMBEDDED_NAME)
+    path = str(files("prompt_recovery").joinpath("assets", "adapters", "gemma-3-270m-prompt-tuning"))
     base = load_peft_weights(path, device="cpu")["prompt_embeddings"]
     gen = torch.Generator().manual_seed(0)
     return {f"soft{k}": (base + 0.05 * k * torch.randn(base.shape, generator=gen)).to(
@@ -206,6 +206,24 @@ def _variant(name, opts, queue):
     })
 
 
+def _wait(proc, queue, timeout: float):
+    """The child's result, or None if it dies or outlives ``timeout`` seconds (then it is stopped)."""
+    import queue as queue_lib
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = queue.get(timeout=5)
+            proc.join()
+            return result
+        except queue_lib.Empty:
+            if not proc.is_alive():
+                return None
+    proc.kill()
+    proc.join()
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", default=str(ROOT / "data_samples" / "val.csv"))
@@ -217,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--soft-prompts", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--variants", default="prefill,generate,engine,one-row,generate_batch,soft-mixed,soft-separate")
+    p.add_argument("--variant-timeout", type=float, default=1800, help="seconds a variant may take")
     p.add_argument("--json", default=None)
     opts = vars(p.parse_args(argv))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -230,9 +249,11 @@ def main(argv=None) -> int:
         queue = ctx.Queue()
         proc = ctx.Process(target=_variant, args=(name, opts, queue))
         proc.start()
-        results[name] = queue.get()
-        proc.join()
-        r = results[name]
+        r = _wait(proc, queue, opts["variant_timeout"])
+        if r is None:  # died, or too slow to finish: said in the table, the other variants still run
+            print(f"{name}: no result (exit {proc.exitcode}, {opts['variant_timeout']} s limit)", file=sys.stderr)
+            continue
+        results[name] = r
         print(f"{name}: {r['positions_per_s']:.0f} positions/s, {r['seconds']:.1f}s", file=sys.stderr, flush=True)
     ceiling = results.get("prefill", {}).get("positions_per_s")
     ref = results.get("engine", {}).get("outputs")

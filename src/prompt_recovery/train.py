@@ -234,6 +234,8 @@ def train(args: TrainArgs) -> TrainResult:
         cfg.tokenizer_name_or_path = None
     cfg.base_model_name_or_path = base["name"]  # a machine-local cache path means nothing elsewhere
     peft_model.save_pretrained(str(out))
+    # peft's generated model card is boilerplate that records this machine's cache path: not worth shipping.
+    (out / "README.md").unlink(missing_ok=True)
     template.save(str(out))
     write_identity(str(out), base)
     history = trainer.state.log_history
