@@ -3,9 +3,10 @@
     PYTHONPATH=EXTRA python benchmarks/mean_prompt_table.py --embedder packaged --embedder EXTRA/embedders/X ...
         [--candidate TEXT ...] [--predictions PRED_CSV --rows CSV --gold GOLD_CSV]
 
-Held-out sets: data_samples/test_gold.csv (never searched) and the prompts ``optimize-prompt --holdout 0.2
---seed 0`` kept out of its search of train.csv + prompts.csv. Each cell is the mean sharpened cosine of the
-candidate against every prompt of the set; in brackets, its ratio to "Improve the text to this." there.
+Held-out sets: data_samples/test_gold.csv and data_samples/val.csv (never searched) and the prompts
+``optimize-prompt --holdout 0.2 --seed 0`` kept out of its search of train.csv + prompts.csv. Each cell is the
+mean sharpened cosine of the candidate against every prompt of the set; in brackets, its ratio to "Improve the
+text to this." there.
 With ``--predictions``, also the suffix table: the predictions alone, and with each candidate appended.
 """
 
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
     _, pool = _read_gold([str(ROOT / "data_samples" / "train.csv"), str(ROOT / "data_samples" / "prompts.csv")],
                          "rewrite_prompt")
     _, held = split_holdout(pool, 0.2, 0)
-    sets = {"test_gold.csv": test_gold, "holdout of the search": [pool[i] for i in held]}
+    _, val = _read_gold([str(ROOT / "data_samples" / "val.csv")], "rewrite_prompt")
+    sets = {"test_gold.csv": test_gold, "val.csv": val, "holdout of the search": [pool[i] for i in held]}
     if opts.dump_sets:
         with open(opts.dump_sets, "w", encoding="utf-8") as f:
             json.dump({"sets": sets, "candidates": candidates}, f, indent=1)

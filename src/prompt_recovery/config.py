@@ -262,6 +262,8 @@ class OptimizeArgs:
     """Held-out gold prompts from this CSV instead of --holdout (with --predictions: ids that have predictions)."""
     start: list[str] = field(default_factory=list)
     """Another start candidate beside the built-in ones (repeatable)."""
+    start_file: str | None = None
+    """Text file of more start candidates, one per line (blank lines skipped)."""
     fluency: list[str] = field(default_factory=list)
     """Fluency guard (repeatable, all must pass): function-words (a heuristic) or perplexity (under the base LM)."""
     max_function_rate: float = 0.5

