@@ -1,11 +1,13 @@
-"""Score of each prediction variant on a labelled CSV, side by side, in one run.
+"""Score of each prediction variant on a labelled set, side by side, in one run: a call of ``evaluate``.
 
-    python benchmarks/eval_variants.py            # data_samples/test.csv + test_gold.csv, stand-in embedder
+    python benchmarks/eval_variants.py                                   # test.csv + test_gold.csv
+    python benchmarks/eval_variants.py --csv data_samples/val.csv --gold "" --scorer packaged --scorer EMB
 
-Variants: the fallback mean prompt alone; the base model without adapter (its default answer prefix), with
-and without the shipped suffix; the shipped soft prompt without suffix, with the shipped suffix, and with the
-mean prompt appended as the suffix. Every figure is made
-with the embedder named in the table's title (the packaged MiniLM stand-in unless --embedder is given).
+Members: the bare base (its default answer prefix), the shipped soft prompt and the shipped LoRA over the
+embedded Gemma 3 270M. ``evaluate`` scores, from one generation per member and row: the fallback prompt alone,
+each member alone, each combination (first, concat, mbr), each with the fallback (mean) prompt appended as a
+suffix. The table is its ``summary.md``; every figure is labelled with the embedder that made it (the packaged
+MiniLM stand-in unless --scorer is given).
 """
 
 from __future__ import annotations
@@ -13,56 +15,36 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
+from importlib.resources import files
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def shipped(name: str) -> str:
+    return str(files("prompt_recovery").joinpath("assets", "adapters", name))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--test", default=str(ROOT / "data_samples" / "test.csv"))
-    p.add_argument("--gold", default=str(ROOT / "data_samples" / "test_gold.csv"))
-    p.add_argument("--embedder", default=None)
+    p.add_argument("--csv", default=str(ROOT / "data_samples" / "test.csv"))
+    p.add_argument("--gold", default=str(ROOT / "data_samples" / "test_gold.csv"),
+                   help="gold prompts beside --csv; empty when --csv has a rewrite_prompt column")
+    p.add_argument("--scorer", action="append", default=None, help="embedder folder or 'packaged' (repeatable)")
+    p.add_argument("--output", default="eval_variants", help="evaluate's output folder")
     opts = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from prompt_recovery.config import BudgetArgs, ModelArgs, OutputArgs, PredictArgs
-    from prompt_recovery.data import read_test
-    from prompt_recovery.predict import predict, resolve_fallback
-    from prompt_recovery.score import Embedder, score_files
-    from prompt_recovery.submission import write_submission
+    from prompt_recovery.config import EvaluateArgs, ModelArgs
+    from prompt_recovery.evaluate import evaluate, markdown
 
-    embedder = Embedder(opts.embedder)
-    ids = [r.id for r in read_test(opts.test).rows]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        fallback = os.path.join(tmp, "fallback.csv")
-        write_submission(fallback, ids, [resolve_fallback(OutputArgs())] * len(ids))
-        rows.append(("fallback mean prompt alone", score_files(fallback, opts.gold, embedder).mean, "-"))
-        mean_suffix = os.path.join(tmp, "mean_as_suffix.txt")
-        Path(mean_suffix).write_text(resolve_fallback(OutputArgs()))
-        variants = [
-            ("base model, no adapter, no suffix", "none", "none"),
-            ("base model, no adapter + shipped suffix", "none", "auto"),
-            ("shipped soft prompt, no suffix", "auto", "none"),
-            ("shipped soft prompt + shipped suffix", "auto", "auto"),
-            ("shipped soft prompt + mean prompt as suffix", "auto", mean_suffix),
-        ]
-        for name, adapter, suffix in variants:
-            out = os.path.join(tmp, f"{len(rows)}.csv")
-            t = time.perf_counter()
-            report = predict(PredictArgs(test_csv=opts.test, output=out, progress=False,
-                                         model=ModelArgs(adapter=adapter), budget=BudgetArgs(),
-                                         out=OutputArgs(suffix_file=suffix)))
-            seconds = time.perf_counter() - t
-            rows.append((f"{name} ({report.model.get('adapter_type') or 'no adapter'})",
-                         score_files(out, opts.gold, embedder).mean, f"{seconds:.0f}s"))
-    print(f"\n{len(ids)} rows of {Path(opts.test).name}; {embedder.label}\n")
-    print("| variant | score | predict time |")
-    print("|---|---|---|")
-    for name, score, seconds in rows:
-        print(f"| {name} | {score:.4f} | {seconds} |")
+    adapters = ["none", shipped("gemma-3-270m-prompt-tuning"), shipped("gemma-3-270m-lora")]
+    start = time.perf_counter()
+    result = evaluate(EvaluateArgs(labeled_csv=opts.csv, gold=opts.gold or None, output=opts.output,
+                                   scorer=opts.scorer or [], progress=False, model=ModelArgs(adapter=adapters)))
+    print(markdown(result))
+    print(f"\n{time.perf_counter() - start:.0f} s in all (load, generate every member, score); "
+          f"per-row scores and chart in {opts.output}/")
     return 0
 
 

