@@ -66,7 +66,7 @@ def _variant(name, opts, queue):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if name == "batched scheduler":
-        sched = Scheduler(engine.generate, deadline=time.monotonic() + 1e9, max_new_tokens=opts["max_new_tokens"],
+        sched = Scheduler(engine.run, deadline=time.monotonic() + 1e9, max_new_tokens=opts["max_new_tokens"],
                           max_batch_tokens=opts["max_batch_tokens"], max_batch_size=opts["max_batch_size"],
                           budget_per_row=1e9)
         out = sched.run(dict(enumerate(prompts)))
@@ -80,6 +80,7 @@ def _variant(name, opts, queue):
         "seconds": seconds,
         "rows_per_s": len(prompts) / seconds,
         "new_tokens": sum(len(o or []) for o in outs),
+        "outputs": outs,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "device": opts["device"],
@@ -111,6 +112,8 @@ def main(argv=None):
         results.append(queue.get())
         proc.join()
     base = results[0]["rows_per_s"]
+    # Greedy decoding batched or not must give the same ids; a variant whose batches failed shows here too.
+    same = results[1]["outputs"] == results[0]["outputs"]
     print(f"\n{results[0]['rows']} rows, device {opts['device']}, quantize {opts['quantize']}, "
           f"max_new_tokens {opts['max_new_tokens']}, {opts['threads']} threads\n")
     print("| variant | rows/s | speed-up | new tokens | peak RSS MB | peak CUDA MB |")
@@ -119,9 +122,10 @@ def main(argv=None):
         cuda = f"{r['peak_cuda_mb']:.0f}" if r["peak_cuda_mb"] is not None else "-"
         print(f"| {r['variant']} | {r['rows_per_s']:.2f} | {r['rows_per_s'] / base:.2f}x | {r['new_tokens']} | "
               f"{r['peak_rss_mb']:.0f} | {cuda} |")
+    print(f"\nsame ids both ways: {'yes' if same else 'NO'}")
     if opts["json"]:
         Path(opts["json"]).write_text(json.dumps(results, indent=2))
-    return 0
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
