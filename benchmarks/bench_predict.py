@@ -36,6 +36,7 @@ def _load(opts):
         folder = opts["random_init"]
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         dtype = torch.float32 if opts["device"] == "cpu" else torch.bfloat16
+        torch.manual_seed(0)  # each variant's process builds the same weights, so their ids compare
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(opts["device"]).eval()
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model_lib.ensure_pad_token(tok, model)
