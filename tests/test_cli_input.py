@@ -208,3 +208,63 @@ def test_missing_model_is_exit_2_with_fallback_file_in_place(tmp_path, capsys):
     code = main(["predict", str(tmp_path / "t.csv"), "-o", str(out), "--model", str(tmp_path / "none")])
     assert code == 2 and "model not found" in capsys.readouterr().err
     assert_valid_submission(out, ids)  # on Kaggle even this still scores
+
+
+def test_output_paths_that_would_fail_or_destroy_the_input_are_refused_before_any_work(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from prompt_recovery import model as model_lib
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load for a refused run")
+
+    monkeypatch.setattr(model_lib, "load", no_load)
+    src = tmp_path / "t.csv"
+    write_test_csv(src, n=2)
+    before = src.read_bytes()
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["-o", str(src)], "is the input file"),
+        (["-o", str(tmp_path / "folder")], "is a folder"),
+        (["-o", str(tmp_path / "s.csv"), "--report", str(tmp_path / "folder")], "is a folder"),
+        (["-o", str(tmp_path / "s.csv"), "--report", str(src)], "is the input file"),
+        (["-o", str(tmp_path / "s.csv"), "--report", str(tmp_path / "s.csv")], "same file"),
+        (["-o", str(tmp_path / "s.csv"), "--template", str(tmp_path / "nope.json")], "cannot read template"),
+    ]
+    for extra, message in cases:
+        code = main(["predict", str(src), "--model", tiny_model_dir, "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.strip().count("\n") == 0 and "Traceback" not in err, (extra, err)
+        assert src.read_bytes() == before
+        # Paths are refused before anything is written; a bad template, like a missing model, after the
+        # all-fallback file (which then stays, valid) but before any model loads.
+        assert (tmp_path / "s.csv").exists() == ("--template" in extra)
+        (tmp_path / "s.csv").unlink(missing_ok=True)
+
+
+def test_a_report_in_a_folder_not_yet_made_is_written(run, tmp_path):
+    ids = write_test_csv(tmp_path / "t.csv", n=2)
+    code, out, err = run(tmp_path / "t.csv", "--report", str(tmp_path / "new" / "deeper" / "r.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "new" / "deeper" / "r.json").read_text())["rows"] == 2
+    assert_valid_submission(out, ids)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("id,original_text,rewritten_text,id\n1,a,b,2\n", "'id' more than once"),
+    ("id\toriginal_text\trewritten_text\n1\ta\tb\n", "tab-separated"),
+    ("id;original_text;rewritten_text\n1;a;b\n", "semicolon-separated"),
+])
+def test_tables_that_cannot_be_read_right_say_why(run, tmp_path, text, message):
+    code, out, err = run(write(tmp_path / "t.csv", text))
+    assert code == 2 and message in err and err.strip().count("\n") == 0 and not out.exists()
+
+
+def test_utf16_with_a_byte_order_mark_is_read(run, tmp_path):
+    code, out, err = run(write(tmp_path / "t.csv", "id,original_text,rewritten_text\nü1,a cat,the cat\n", "utf-16"))
+    assert code == 0, err
+    assert read_csv_rows(out)[1][0] == "ü1"
+
+
+def test_a_folder_as_input_says_so(run, tmp_path):
+    code, out, err = run(tmp_path)
+    assert code == 2 and "it is a folder" in err

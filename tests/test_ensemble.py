@@ -102,9 +102,9 @@ def test_members_over_one_base_share_one_load_and_one_run(tiny_model_dir, adapte
     assert {r["name"] for r in recs} == {"soft", "lora", "base"} and len(recs) == 18
     by_member = {m["name"]: m for m in report.members}
     assert by_member["soft"]["adapter_type"] == "PROMPT_TUNING" and by_member["lora"]["adapter_type"] == "LORA"
-    # One scheduler run, mixed batches: 18 answers in batches of at most 4 take 5 batches; three runs of one
-    # member each would take 2 apiece (6).
-    assert len(report.batches) == 5 and sum(b["rows"] for b in report.batches) == 18
+    # One scheduler run, mixed batches: 18 answers in batches of at most 4 after a one-row calibration batch take
+    # 1 + 5 batches; three runs of one member each would take 1 + 2 apiece (9).
+    assert len(report.batches) == 6 and sum(b["rows"] for b in report.batches) == 18
     prompts = assert_valid_submission(args.output, [f"{i:04d}" for i in range(6)])
     order = ["soft", "lora", "base"]
     for i, p in enumerate(prompts):  # concat: the row's distinct usable candidates, joined in member order
@@ -214,6 +214,10 @@ def test_combiner_mbr_on_texts_with_a_fake_embedder():
     ('{"members": [{"adapter": "none", "samples": 0}]}', "samples"),
     ('{"members": [{"adapter": "none"}], "combine": "vote"}', "combine"),
     ("not json", "cannot read"),
+    ('{"members": [{"adapter": "none"}], "combin": "mbr"}', "unknown key.*combin"),  # misspelt: not ignored
+    ('{"members": [{"adapter": "none", "samples": "four"}]}', "samples must be int; got 'four'"),
+    ('{"members": [{"adapter": "none", "temperature": true}]}', "temperature must be float"),
+    ('{"members": [{"adapter": 3}]}', "adapter must be str"),
 ])
 def test_bad_spec_is_a_one_line_error(tmp_path, text, message, tiny_model_dir, capsys):
     path = tmp_path / "m.json"
@@ -499,3 +503,25 @@ def test_bundle_keeps_two_adapters_of_the_same_name_apart(tiny_model_dir, adapte
     kinds = [json.loads((tmp_path / "b" / a / "adapter_config.json").read_text())["peft_type"]
              for a in ("adapters/final", "adapters/final-2")]
     assert kinds == ["PROMPT_TUNING", "LORA"]
+
+
+def test_evaluate_checks_its_scorers_before_predicting(tiny_model_dir, tmp_path, capsys):
+    ids = write_test_csv(tmp_path / "t.csv", n=2)
+    gold = tmp_path / "gold.csv"
+    gold.write_text("id,rewrite_prompt\n" + "".join(f"{i},Make this formal.\n" for i in ids))
+    code = main(["evaluate", str(tmp_path / "t.csv"), "--gold", str(gold), "-o", str(tmp_path / "ev"),
+                 "--model", tiny_model_dir, "--scorer", str(tmp_path / "no-such-embedder"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "embedder folder not found" in err and "Traceback" not in err
+    assert not (tmp_path / "ev" / "submission.csv").exists()  # nothing was predicted
+
+
+def test_a_member_report_names_its_adapter_kind_even_when_its_model_never_loaded(tiny_model_dir, adapters,
+                                                                                 tmp_path):
+    def loader(margs):
+        raise RuntimeError("CUDA driver exploded")
+
+    args = args_for(tmp_path, model=ModelArgs(model=tiny_model_dir, adapter=[adapters["lora"], adapters["soft"]]))
+    report = predict(args, loader=loader)
+    assert report.error and [m["adapter_type"] for m in report.members] == ["LORA", "PROMPT_TUNING"]
+    assert "(LORA)" in report.summary() and "no adapter" not in report.summary()

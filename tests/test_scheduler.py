@@ -196,6 +196,25 @@ def test_tiers_are_served_in_order():
     assert [k[0] for k in seen[:6]] == list(range(6))  # shortest first inside a tier
 
 
+def test_a_failing_member_in_a_mixed_batch_costs_only_its_own_rows():
+    clock = FakeClock()
+    # Member 1's rows carry a poisoned token; its batches fail wherever they run.
+    prompts = {(i, m): [i] * 20 + ([999] if m == 1 else []) for i in range(7) for m in range(2)}
+    tiers = {k: k[1] for k in prompts}
+    fake = FakeEngine(clock, noise=0, fail_on=999)
+    mixed = []
+
+    def engine(batch, max_time):
+        mixed.append(len({999 in row for row in batch}) > 1)
+        return fake(batch, max_time)
+
+    out = scheduler(engine, clock, deadline=1e9, max_batch_size=4).run(prompts, tiers)
+    assert any(mixed)  # the case under test happened: one batch held rows of both members
+    assert len(out) == 14
+    assert all(out[(i, 0)].tokens for i in range(7))  # every row of the working member is answered
+    assert all(out[(i, 1)].tokens is None and out[(i, 1)].reason == "error: RuntimeError: boom" for i in range(7))
+
+
 def test_a_failing_batch_costs_only_its_rows():
     clock = FakeClock()
     engine = FakeEngine(clock, fail_on=7)
@@ -286,7 +305,7 @@ def test_non_finite_logits_recover_once_then_fall_back():
 
 def test_wrong_row_count_from_engine_is_an_error_not_a_shift():
     clock = FakeClock()
-    out = scheduler(lambda b, t: BatchOutput([[1]]), clock, deadline=1e9).run({0: [1], 1: [2]})
+    out = scheduler(lambda b, t: BatchOutput([[1]] * (len(b) - 1)), clock, deadline=1e9).run({0: [1], 1: [2]})
     assert all(o.tokens is None and o.reason.startswith("error") for o in out.values())
 
 
@@ -307,7 +326,7 @@ def test_batch_time_bound_is_its_rows_share():
         return BatchOutput([[1] for _ in batch], 1, 0.0, 0, 0.0)
 
     scheduler(engine, clock, deadline=1e9, budget_per_row=2.0, max_batch_size=3).run({i: [i] for i in range(6)})
-    assert bounds == [6.0, 6.0]
+    assert bounds == [2.0, 6.0, 4.0]  # a one-row calibration batch, then batches of 3 and 2 rows
 
 
 def test_first_batch_is_a_small_calibration_batch():

@@ -104,11 +104,14 @@ def read_table(source: Source, required: tuple[str, ...] = ("id",), optional: tu
         return _read_frame(source, required, optional)
     path = os.fspath(source)
     if not os.path.isfile(path):
-        raise InputError(f"cannot read {path}: no such file")
+        raise InputError(f"cannot read {path}: {'it is a folder' if os.path.isdir(path) else 'no such file'}")
     # The default 128 KiB field limit would reject a long text; truncation by tokens happens later.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     warnings: list[str] = []
     encoding = "utf-8-sig"  # utf-8-sig also strips a BOM, which would otherwise rename the id column
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            encoding = "utf-16"  # Excel's "Unicode text" export: its BOM says so, and the codec reads it
     try:
         try:
             header, lines, blank = _read_rows(path, encoding)
@@ -139,7 +142,10 @@ def _columns(path: str, header: list[str], lines: list[list[str]], warnings: lis
     for col in required:
         if col not in header:
             found = ", ".join(repr(h[:20]) for h in header[:6]) or "none"
-            raise InputError(f"{path} has no '{col}' column (columns found: {found})")
+            raise InputError(f"{path} has no '{col}' column (columns found: {found}){_hint(header)}")
+    twice = sorted({h for h in header if h in (*required, *optional) and header.count(h) > 1})
+    if twice:  # which of the two is meant cannot be guessed, and a wrong guess would be silent
+        raise InputError(f"{path} has the column(s) {', '.join(map(repr, twice))} more than once")
     width = len(header)
     ragged = sum(1 for line in lines if len(line) != width)
     if ragged:
@@ -152,6 +158,17 @@ def _columns(path: str, header: list[str], lines: list[list[str]], warnings: lis
             warnings.append(f"{path} has no '{col}' column: every row gets the fallback prompt")
             table[col] = [""] * len(lines)
     return table, len(lines), warnings
+
+
+def _hint(header: list[str]) -> str:
+    """What a header that lacks a required column most likely is, for the one-line error."""
+    first = header[0] if header else ""
+    if "\x00" in "".join(header) or first.startswith(("\xff\xfe", "\xfe\xff", "ÿþ", "þÿ")):
+        return "; the file looks UTF-16: save it as UTF-8"
+    for sep, name in (("\t", "tab"), (";", "semicolon"), ("|", "pipe")):
+        if len(header) == 1 and sep in first:
+            return f"; the file looks {name}-separated: save it comma-separated"
+    return ""
 
 
 def read_test(path: Source) -> Table:

@@ -64,6 +64,10 @@ def read_spec(path: str, resolve_paths: bool = True) -> tuple[list[MemberArgs], 
         raise InputError(f"{path}: TOML specs need Python 3.11 or newer; write it as JSON") from None
     except (OSError, ValueError) as exc:  # json and tomllib errors are ValueErrors
         raise InputError(f"cannot read members spec {path}: {exc}") from None
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - {"members", "combine"})
+        if unknown:  # a misspelt key would otherwise be silently ignored
+            raise InputError(f"{path}: unknown key(s) {', '.join(unknown)} (known: combine, members)")
     entries = data.get("members") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{path}: no members (expected a 'members' list, [[members]] in TOML)")
@@ -76,6 +80,10 @@ def read_spec(path: str, resolve_paths: bool = True) -> tuple[list[MemberArgs], 
         if unknown:
             raise InputError(f"{path}: member {n + 1} has unknown field(s) {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(known))})")
+        for key, value in entry.items():
+            want = _FIELD_TYPES[key]
+            if not _of_type(value, want):
+                raise InputError(f"{path}: member {n + 1}: {key} must be {want}; got {value!r}")
         try:
             folder = os.path.dirname(os.path.abspath(path))
             members.append(MemberArgs(**(_relative_to(entry, folder) if resolve_paths else entry)))
@@ -88,6 +96,22 @@ def read_spec(path: str, resolve_paths: bool = True) -> tuple[list[MemberArgs], 
 
 
 PATH_FIELDS = ("model", "adapter", "template")
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(MemberArgs)}
+
+
+def _of_type(value, annotation: str) -> bool:
+    """Whether a spec value fits a MemberArgs field's annotation (str, int, float, each maybe | None)."""
+    if value is None:
+        return "None" in annotation
+    if isinstance(value, bool):  # a bool is an int to Python, never to a spec
+        return False
+    if "str" in annotation:
+        return isinstance(value, str)
+    if "float" in annotation:
+        return isinstance(value, (int, float))
+    if "int" in annotation:
+        return isinstance(value, int)
+    return True
 
 
 def _relative_to(entry: dict, folder: str) -> dict:

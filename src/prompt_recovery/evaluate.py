@@ -110,12 +110,12 @@ def evaluate(args: EvaluateArgs, *, loader=None) -> Evaluation:
     os.makedirs(args.output, exist_ok=True)
     rows = read_test(args.labeled_csv).rows
     gold = read_gold(args.gold or args.labeled_csv, [r.id for r in rows])  # checked before the long part
+    scorers = [Embedder(path) for path in (args.scorer or [None])]  # so are the scorers
     pargs = predict_args(args)
     report = predict(pargs, loader=loader)
     fallback = resolve_fallback(pargs.out)
     with open(pargs.output, newline="", encoding="utf-8") as f:
         submitted = [r["rewrite_prompt"] for r in csv.DictReader(f)]
-    scorers = [Embedder(path) for path in (args.scorer or [None])]
     variants = {"submission": submitted, **variants_from_candidates(pargs, rows, fallback)}
     per_row: dict[tuple[str, str], np.ndarray] = {}
     means: dict[str, dict[str, float]] = {v: {} for v in variants}

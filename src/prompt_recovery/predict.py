@@ -206,6 +206,7 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     other failure leaves a complete submission (fallbacks where nothing was generated) in ``report.error``.
     """
     start = clock()
+    _check_outputs(args)
     table = read_test(args.test_csv)
     fallback = resolve_fallback(args.out)
     finish = Finisher(args.out)
@@ -217,12 +218,15 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     rows.write()  # a valid file exists before anything heavy can fail: from here on the output always scores
 
     members, method = resolve_members(args)
+    for m in members:  # a template that cannot be read is the user's to fix: say so now, not after the load
+        if m.args.template or args.prompt.template:
+            _template(args, m, None)
     report.combine = method
     if method == "first" and any(m.args.samples > 1 for m in members):
         report.warnings.append("members with samples > 1 under --combine first use only their first sample; "
                                "--combine mbr or concat uses them all")
         log.warning(report.warnings[-1])
-    reports = {m.name: MemberReport(m.name, m.key, m.model, m.args.adapter) for m in members}
+    reports = {m.name: MemberReport(m.name, m.key, m.model, m.args.adapter, _adapter_kind(m)) for m in members}
     one_answer = len(members) == 1 and members[0].args.samples == 1
     combine = make_combiner("first" if one_answer else method, fallback, args.out)  # one answer: nothing to pick
     names = [m.name for m in members]
@@ -276,6 +280,7 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
         report.rows_per_s = len(todo) / report.generate_s
     _peak_memory(report)
     if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # as the output's folder is
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(asdict(report), f, indent=2)
     return report
@@ -300,6 +305,35 @@ def _release_memory() -> None:
         clear_device_cache()
     except ImportError:
         pass
+
+
+def _adapter_kind(member: Member) -> str | None:
+    """The member's PEFT type from its adapter's config, known before (or without) any model load."""
+    from . import model as model_lib
+
+    path = member.args.adapter
+    if path == "auto":
+        path = model_lib.shipped_adapter(model_lib.EMBEDDED_NAME) if member.model is None else None
+    if not path or path == "none":
+        return None
+    try:
+        return model_lib.read_adapter_config(path).get("peft_type")
+    except InputError:
+        return None
+
+
+def _check_outputs(args: PredictArgs) -> None:
+    """Refuse, before any work, output paths that would fail at the end or destroy the input."""
+    given = [("output", args.output)] + ([("report", args.report)] if args.report else [])
+    if isinstance(args.test_csv, str) and os.path.exists(args.test_csv):
+        for what, path in given:
+            if os.path.exists(path) and os.path.samefile(path, args.test_csv):
+                raise InputError(f"the {what} {path} is the input file: it would be overwritten")
+    for what, path in given:
+        if os.path.isdir(path):
+            raise InputError(f"the {what} {path} is a folder; give a file path")
+    if args.report and os.path.abspath(args.report) == os.path.abspath(args.output):
+        raise InputError(f"the report and the output are the same file: {args.output}")
 
 
 def _load_before(load, model_args, seconds: float, loading: list):

@@ -69,10 +69,15 @@ class Template:
         """Load a template from a JSON file or from an adapter folder holding TEMPLATE_FILE."""
         if os.path.isdir(path):
             path = os.path.join(path, TEMPLATE_FILE)
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object")
+            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            return cls(**known)
+        except (OSError, ValueError, TypeError) as exc:  # the user's file: one line that names it
+            raise InputError(f"cannot read template {path}: {exc}") from None
 
 
 def render_text(template: Template, tokenizer, original: str, rewritten: str) -> str:

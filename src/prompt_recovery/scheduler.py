@@ -7,7 +7,8 @@ running row-step: rows leave a batch when they finish) says how many rows fit th
 decoding is also bounded in time, so the deadline is overrun by at most one batch's prefill and one step.
 Out of memory halves the batch, retried only after the failed attempt's memory is released; non-finite
 logits call ``recover`` (switch to a safe dtype) and retry once; any other error costs only that batch's
-rows. The scheduler sees requests as opaque items with a length and knows nothing of tokenizers or torch.
+rows (a batch mixing tiers, that is members or samples, runs again tier by tier first, so one member's failure
+is not another's). The scheduler sees requests as opaque items with a length and knows nothing of tokenizers or torch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 DEADLINE = "deadline"
 OOM = "out_of_memory"
 NON_FINITE = "non_finite"
+ERROR = "error"
 
 
 @dataclass
@@ -142,7 +144,7 @@ class Scheduler:
         on_batch: Callable[[dict[Hashable, Outcome]], None] | None = None,
         recover: Callable[[str], bool] | None = None,
         progress: bool = False,
-        calibration_rows: int = 4,
+        calibration_rows: int = 1,
         desc: str = "predict",
     ) -> None:
         self.generate = generate
@@ -177,8 +179,8 @@ class Scheduler:
 
     def _fit_to_time(self, batch: list, lengths: Mapping, left: float) -> list:
         if not self.cost.calibrated:
-            # Nothing measured yet: a small first batch measures the rates, so an uninterruptible prefill of a
-            # full batch can never be what overruns a tight deadline.
+            # Nothing measured yet: a first batch of one row (the shortest) measures the rates, so an
+            # uninterruptible prefill of a full batch can never be what overruns a tight deadline.
             return batch[: self.calibration_rows]
         width = max(lengths[k] for k in batch)
         per_row = self.cost.total(1, width)
@@ -192,6 +194,7 @@ class Scheduler:
         order = {k: n for n, k in enumerate(requests)}
         queue = sorted(requests, key=lambda k: ((tiers or {}).get(k, 0), lengths[k], order[k]))
         self._results: dict[Hashable, Outcome] = {}
+        self._tiers = dict(tiers or {})
         self._bar = tqdm(total=len(queue), disable=not self.progress, unit="row", desc=self.desc)
         self._fallbacks = 0
         try:
@@ -244,11 +247,8 @@ class Scheduler:
         except FloatingPointError as exc:
             failure = (NON_FINITE, _first_line(exc))
         except Exception as exc:  # any failure costs only this batch's rows, never the run
-            seconds = self.clock() - start
             log.warning("batch of %d rows failed: %s: %s", len(batch), type(exc).__name__, exc)
-            self.stats.batches.append(BatchStat(len(batch), padded, seconds, 0, "error", estimate_s=estimate))
-            reason = f"error: {type(exc).__name__}: {_first_line(exc)}".strip()
-            return {k: Outcome(None, reason) for k in batch}
+            failure = (ERROR, f"error: {type(exc).__name__}: {_first_line(exc)}".strip())
         # Failures are handled here, outside the except blocks: a retry must not run while the failed
         # attempt's exception (and through its traceback, its frames and tensors) is still alive.
         if failure is not None:
@@ -257,6 +257,15 @@ class Scheduler:
                                                 estimate_s=estimate))
             if kind == OOM:
                 return self._split(batch, requests, lengths, padded, message)
+            if kind == ERROR:
+                parts = self._by_tier(batch)
+                if len(parts) == 1:
+                    return {k: Outcome(None, message) for k in batch}
+                # The failure may be one member's (its adapter, its sampling): each tier runs again on its own,
+                # so the rows of a member that works are not lost with those of one that does not.
+                for part in parts:
+                    self._emit(self._run_batch(part, requests, lengths, retried=retried))
+                return {}
             if not retried and self.recover is not None and self.recover(message):
                 self.stats.recoveries.append(message)
                 return self._run_batch(batch, requests, lengths, retried=True)
@@ -270,6 +279,12 @@ class Scheduler:
             out.prefill_tokens))
         cut = out.cut or [out.timed_out] * len(batch)
         return {k: Outcome(list(t), None, c) for k, t, c in zip(batch, out.tokens, cut)}
+
+    def _by_tier(self, batch: list) -> list[list]:
+        parts: dict = {}
+        for k in batch:
+            parts.setdefault(self._tiers.get(k, 0), []).append(k)
+        return list(parts.values())
 
     def _split(self, batch: list, requests: Mapping, lengths: Mapping, padded: int, message: str) -> dict:
         if len(batch) == 1:
