@@ -99,3 +99,16 @@ def test_a_dataframe_without_an_id_column_or_not_a_table_is_an_input_error():
         read_test(pd.DataFrame({"key": [1]}))
     with pytest.raises(InputError, match="CSV path or a pandas DataFrame"):
         read_table([["id"], ["1"]])
+
+
+def test_a_quote_never_closed_loses_no_row_and_says_where(tmp_path):
+    from prompt_recovery.data import read_test
+
+    path = tmp_path / "t.csv"
+    path.write_text('id,original_text,rewritten_text\nx0,"A\nquoted, multi-line text",B\n'
+                    'x1,"The cat sat.,The feline sat.\nx2,Buy milk.,Milk!\nx3,a "b" c,d\n')
+    table = read_test(str(path))
+    assert [r.id for r in table.rows] == ["x0", "x1", "x2", "x3"]
+    assert table.rows[0].original_text == "A\nquoted, multi-line text"  # a closed quote still spans lines
+    assert (table.rows[2].original_text, table.rows[2].rewritten_text) == ("Buy milk.", "Milk!")
+    assert any("line 4 opens a quote that is never closed" in w for w in table.warnings)

@@ -59,18 +59,48 @@ def is_blank_line(fields: list[str]) -> bool:
     return not fields or (len(fields) == 1 and not fields[0].strip())
 
 
-def _read_rows(path: str, encoding: str) -> tuple[list[str], list[list[str]], int]:
+def _read_rows(path: str, encoding: str, warnings: list[str]) -> tuple[list[str], list[list[str]], int]:
     """(header, lines, blank lines skipped); blank lines before the header are skipped too."""
     with open(path, newline="", encoding=encoding) as f:
-        lines, blank = [], 0
-        for line in csv.reader(f):
-            if is_blank_line(line):
-                blank += 1
-            else:
-                lines.append(line)
+        physical = list(f)
+    records, starts, start = [], [], 1
+    reader = csv.reader(physical)
+    for record in reader:
+        records.append(record)
+        starts.append(start)  # the physical line each record begins on
+        start = reader.line_num + 1
+    if records and _quote_left_open(physical[starts[-1] - 1:]):
+        # The last record opened a quote that never closes, so every line after it was read as its text: the
+        # lines from there on are read again with quotes as plain text, so none of their rows is lost.
+        line = starts[-1]
+        records[-1:] = list(csv.reader(physical[line - 1:], quoting=csv.QUOTE_NONE))
+        warnings.append(f"{path}: line {line} opens a quote that is never closed; from there on, quotes were "
+                        f"read as plain text")
+    lines, blank = [], 0
+    for line in records:
+        if is_blank_line(line):
+            blank += 1
+        else:
+            lines.append(line)
     if not lines:
         raise InputError(f"cannot read {path}: the file is empty (not even a header)")
     return lines[0], lines[1:], blank
+
+
+def _quote_left_open(lines: list[str]) -> bool:
+    """Whether the file's last record, ``lines``, is an open quote that ran to the end of the file.
+
+    Only the last record can be one (a quote left open swallows everything after it). It spans several lines
+    then, and strict parsing fails on it: at the end of the data, or at a later line's own quotes.
+    """
+    if len(lines) < 2:
+        return False
+    try:
+        for _ in csv.reader(lines, strict=True):
+            pass
+    except csv.Error:
+        return True
+    return False
 
 
 def _cell(value) -> str:
@@ -114,11 +144,11 @@ def read_table(source: Source, required: tuple[str, ...] = ("id",), optional: tu
             encoding = "utf-16"  # Excel's "Unicode text" export: its BOM says so, and the codec reads it
     try:
         try:
-            header, lines, blank = _read_rows(path, encoding)
+            header, lines, blank = _read_rows(path, encoding, warnings)
         except UnicodeDecodeError:
             encoding = "latin-1"
             warnings.append(f"{path} is not UTF-8; read as latin-1, some characters may be wrong")
-            header, lines, blank = _read_rows(path, encoding)
+            header, lines, blank = _read_rows(path, encoding, warnings)
     except (csv.Error, OSError) as exc:
         raise InputError(f"cannot read {path}: {str(exc).strip() or type(exc).__name__}") from None
     if blank:
