@@ -69,7 +69,8 @@ def test_resume_skips_rows_finished_before_a_crash(tiny_model_dir, tmp_path):
 
     args.resume = True
     report = predict(args, loader=loader_with({}, seen))
-    assert report.resumed == before
+    assert report.resumed == before and report.members[0]["resumed"] == before
+    assert f"{before} resumed" in report.summary()
     assert seen[1].rows == 10 - before  # only the rows the crash left
     final = assert_valid_submission(args.output, ids)
     assert all(f == p for f, p in zip(final, partial) if p != FALLBACK)  # finished rows kept as they were

@@ -46,6 +46,8 @@ class MemberReport:
     """Answers asked of this member in this run (rows x samples, minus those resumed)."""
     answered: int = 0
     """Usable answers it gave."""
+    resumed: int = 0
+    """Answers taken from an earlier run's candidates log (--resume) instead of generated."""
     cut: int = 0
     """Answers the time bound stopped while still running (used, but made again by --resume)."""
     failed: dict = field(default_factory=dict)
@@ -114,8 +116,9 @@ class Report:
             for m in self.members:
                 failed = ", ".join(f"{k}: {v}" for k, v in sorted(m["failed"].items()))
                 cut = f", {m['cut']} cut short by the time bound" if m["cut"] else ""
+                resumed = f", {m['resumed']} resumed" if m["resumed"] else ""
                 lines.append(f"member {m['name']} ({m['adapter_type'] or 'no adapter'}): {m['answered']} of "
-                             f"{m['requests']} answered{cut}" + (f" ({failed})" if failed else ""))
+                             f"{m['requests']} answered{cut}{resumed}" + (f" ({failed})" if failed else ""))
             if len(self.members) > 1:
                 lines.append(f"candidates combined by {self.combine}")
         lines += [f"recovered: {r}" for r in self.recoveries]
@@ -241,7 +244,8 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
             rows.set_rule(i, UNCHANGED_PROMPT)
     report.rule_based = rows.count(RULE)
     if args.resume:
-        rows.resume({m.key: m.name for m in members})
+        for name, count in rows.resume({m.key: m.name for m in members}).items():
+            reports[name].resumed = count
     rows.log.start(keep=args.resume)
     recombine(range(n))
     rows.write()

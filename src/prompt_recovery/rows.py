@@ -72,16 +72,16 @@ class Rows:
         cands = self.states[i].candidates
         return [t for m in members for _, t in sorted(cands.get(m, {}).items()) if t]
 
-    def resume(self, keys: dict[str, str]) -> int:
-        """Restore candidates of members whose key is unchanged ({key: member name}); returns rows touched."""
-        touched = set()
+    def resume(self, keys: dict[str, str]) -> dict[str, int]:
+        """Restore candidates of members whose key is unchanged ({key: member name}); returns {name: restored}."""
+        restored: dict[str, int] = {}
         for rec in self.log.load(self.ids):
             name = keys.get(rec["member"])
             if name is None:
                 continue  # made by a member that no longer exists or generates differently
             self.add(rec["row"], name, rec["sample"], rec.get("text"), fresh=False)
-            touched.add(rec["row"])
-        return len(touched)
+            restored[name] = restored.get(name, 0) + 1
+        return restored
 
     def record(self, entries: Iterable[tuple[int, str, str, int, str | None]]) -> None:
         """Append finished answers to the candidates log: (row, member key, member name, sample, text)."""
