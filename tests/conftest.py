@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import pytest
 
 CORPUS = [
@@ -20,6 +22,35 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello world!\nNew line here.\n",
 ]
 
+
+
+class StubEmbedder:
+    """Bag of words over a fixed vocabulary: exact, fast, with a known optimum; ``weights`` scale dimensions so
+    two stubs disagree. Counts the texts it embedded (``calls``)."""
+
+    max_seq_length = 64
+
+    def __init__(self, vocab, weights=None, name="stub"):
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.weights = np.ones(len(vocab) + 1) if weights is None else np.append(weights, 1.0)
+        self.label = f"stand-in embedder {name}, not sentence-t5-base"
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += len(texts)
+        out = np.zeros((len(texts), len(self.index) + 1))
+        for n, t in enumerate(texts):
+            for w in re.findall(r"[a-z]+", t.lower()):
+                out[n, self.index.get(w, len(self.index))] += 1
+            out[n, -1] += 1e-9
+        out *= self.weights
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def token_count(self, texts):
+        return [len(t.split()) + 2 for t in texts]
+
+    def fits(self, texts):
+        return [n <= self.max_seq_length for n in self.token_count(texts)]
 
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -198,6 +198,18 @@ def soft_prompt_folder(tok, base_factory, folder, seed, n_virtual=5):
     return str(folder)
 
 
+def prefix_folder(tok, folder, seed, n_virtual):
+    """A prefix-tuning adapter with random (not zero-effect) prefixes, saved."""
+    torch.manual_seed(seed)
+    model = get_peft_model(make_model(tok), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                               num_virtual_tokens=n_virtual))
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_soft_prompts_exact_under_padding_and_mixed(tok, tmp_path, family):
     factory = (lambda: make_model(tok)) if family == "llama" else (lambda: tiny_gemma3(tok))
@@ -217,13 +229,8 @@ def test_soft_prompts_exact_under_padding_and_mixed(tok, tmp_path, family):
 
 
 def test_prefix_rows_match_peft_one_row_and_mix_with_others(tok, tmp_path):
-    torch.manual_seed(3)
-    model = get_peft_model(make_model(tok), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
-    with torch.no_grad():
-        for p in model.prompt_encoder.parameters():
-            p.add_(torch.randn_like(p))
-    model.save_pretrained(tmp_path / "px")
-    att = attach(make_model(tok), {"px": str(tmp_path / "px")}, {"px": {"peft_type": "PREFIX_TUNING"}},
+    px = prefix_folder(tok, tmp_path / "px", seed=3, n_virtual=4)
+    att = attach(make_model(tok), {"px": px}, {"px": {"peft_type": "PREFIX_TUNING"}},
                  quantized=False)
     engine = Engine(att.model, tok.pad_token_id, eos_of(tok), MAX_NEW, served=att.served)
     batch = prompts(tok, 5, seed=6)
@@ -238,14 +245,8 @@ def test_prefix_rows_match_peft_one_row_and_mix_with_others(tok, tmp_path):
 
 def test_every_kind_of_adapter_in_one_batch_equals_each_alone(tok, lora_pair, tmp_path):
     """A soft prompt, a prefix, a LoRA and the bare base, rows interleaved in one padded batch."""
-    torch.manual_seed(5)
-    px = get_peft_model(make_model(tok), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
-    with torch.no_grad():
-        for p in px.prompt_encoder.parameters():
-            p.add_(torch.randn_like(p))
-    px.save_pretrained(tmp_path / "px")
     folders = {"soft": soft_prompt_folder(tok, lambda: make_model(tok), tmp_path / "soft", 7, 4),
-               "px": str(tmp_path / "px"), "red": lora_pair["red"]}
+               "px": prefix_folder(tok, tmp_path / "px", seed=5, n_virtual=3), "red": lora_pair["red"]}
     kinds = {"soft": "PROMPT_TUNING", "px": "PREFIX_TUNING", "red": "LORA"}
     att = attach(make_model(tok), folders, {n: {"peft_type": k} for n, k in kinds.items()}, quantized=False,
                  base_needed=True)

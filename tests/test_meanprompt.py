@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 
 import numpy as np
 import pytest
+from conftest import StubEmbedder as BagOfWords
 
 from prompt_recovery import score
 from prompt_recovery.cli import main
@@ -26,32 +28,7 @@ from prompt_recovery.meanprompt import (
 VOCAB = ["make", "it", "formal", "please", "improve", "the", "text", "to", "this", "poem", "a", "rewrite", "as"]
 
 
-class StubEmbedder:
-    """Bag of words over a fixed vocabulary; ``weights`` scale dimensions so two stubs disagree."""
-
-    max_seq_length = 64
-
-    def __init__(self, vocab=VOCAB, weights=None, name="stub"):
-        self.index = {w: i for i, w in enumerate(vocab)}
-        self.weights = np.ones(len(vocab) + 1) if weights is None else np.append(weights, 1.0)
-        self.label = f"stand-in embedder {name}, not sentence-t5-base"
-        self.calls = 0
-
-    def embed(self, texts):
-        self.calls += len(texts)
-        out = np.zeros((len(texts), len(self.index) + 1))
-        for n, t in enumerate(texts):
-            for w in re.findall(r"[a-z]+", t.lower()):
-                out[n, self.index.get(w, len(self.index))] += 1
-            out[n, -1] += 1e-9
-        out *= self.weights
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    def token_count(self, texts):
-        return [len(t.split()) + 2 for t in texts]
-
-    def fits(self, texts):
-        return [n <= self.max_seq_length for n in self.token_count(texts)]
+StubEmbedder = partial(BagOfWords, VOCAB)  # the shared stub over this file's vocabulary
 
 
 def test_combined_mean_worst_and_relative_scaling():

@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
+from conftest import StubEmbedder
 
 from prompt_recovery.cli import main
 from prompt_recovery.config import OptimizeArgs
 from prompt_recovery.meanprompt import MeanObjective, SuffixObjective, optimize, search
 from prompt_recovery.postprocess import fit_with_suffix
 from prompt_recovery.score import score_pairs, sharpened_cosine, sharpened_cosine_matrix
-
-
-class StubEmbedder:
-    """Bag of words over a fixed vocabulary: exact, fast, and with a known optimum."""
-
-    label = "stub embedder"
-    max_seq_length = 64
-
-    def __init__(self, vocab):
-        self.index = {w: i for i, w in enumerate(vocab)}
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), len(self.index) + 1), dtype=np.float64)
-        for n, t in enumerate(texts):
-            for w in re.findall(r"[a-z]+", t.lower()):
-                out[n, self.index.get(w, len(self.index))] += 1
-            out[n, -1] += 1e-9
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    def token_count(self, texts):
-        return [len(t.split()) + 2 for t in texts]
-
-    def fits(self, texts):
-        return [n <= self.max_seq_length for n in self.token_count(texts)]
 
 
 def test_identical_orthogonal_and_negative_cases_by_hand():

@@ -134,6 +134,8 @@ def resolve_members(args: PredictArgs) -> tuple[list[Member], str]:
         combine = spec_combine or combine
     else:
         specs = [MemberArgs(adapter=a) for a in args.model.adapter]
+    if args.prompt.template is not None:  # every member without its own template uses it
+        _check_paths(MemberArgs(adapter="none", template=args.prompt.template))
     members = []
     taken: set[str] = set()
     for rank, spec in enumerate(specs):
@@ -161,10 +163,7 @@ def _check_paths(spec: MemberArgs) -> None:
         if not os.path.isfile(os.path.join(spec.adapter, "adapter_config.json")):
             raise InputError(f"adapter folder {spec.adapter} has no adapter_config.json")
     if spec.template is not None:
-        try:
-            Template.load(spec.template)
-        except (OSError, ValueError, TypeError) as exc:  # json errors are ValueErrors
-            raise InputError(f"cannot read template {spec.template}: {exc}") from None
+        Template.load(spec.template)  # InputError naming the file
 
 
 def _default_name(adapter: str) -> str:

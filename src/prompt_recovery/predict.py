@@ -221,9 +221,6 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     rows.write()  # a valid file exists before anything heavy can fail: from here on the output always scores
 
     members, method = resolve_members(args)
-    for m in members:  # a template that cannot be read is the user's to fix: say so now, not after the load
-        if m.args.template or args.prompt.template:
-            _template(args, m, None)
     report.combine = method
     if method == "first" and any(m.args.samples > 1 for m in members):
         report.warnings.append("members with samples > 1 under --combine first use only their first sample; "
