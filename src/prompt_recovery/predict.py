@@ -13,7 +13,6 @@ Data flow, top to bottom (every step reads and writes the one ``Rows`` object):
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -299,26 +298,18 @@ def _group_failed(report: Report, rows: Rows, todo: list[int], group: list[Membe
 
 def _release_memory() -> None:
     # The group's model must be gone before the next group's model loads (two 7B models do not fit a T4).
-    gc.collect()
-    try:
-        from accelerate.utils.memory import clear_device_cache
+    from accelerate.utils.memory import clear_device_cache  # a dependency; imported late for a fast start-up
 
-        clear_device_cache()
-    except ImportError:
-        pass
+    clear_device_cache(garbage_collection=True)
 
 
 def _adapter_kind(member: Member) -> str | None:
     """The member's PEFT type from its adapter's config, known before (or without) any model load."""
     from . import model as model_lib
 
-    path = member.args.adapter
-    if path == "auto":
-        path = model_lib.shipped_adapter(model_lib.EMBEDDED_NAME) if member.model is None else None
-    if not path or path == "none":
-        return None
     try:
-        return model_lib.read_adapter_config(path).get("peft_type")
+        path = model_lib.resolve_adapter(member.args.adapter, model_lib.EMBEDDED_NAME, member.model is None)
+        return model_lib.read_adapter_config(path).get("peft_type") if path else None
     except InputError:
         return None
 
