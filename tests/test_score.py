@@ -137,3 +137,15 @@ def test_fit_with_suffix_trims_the_prediction_never_the_suffix():
     # Without the embedder's tokenizer: a conservative total word budget.
     out = fit_with_suffix(" ".join(["w"] * 100), "end here", max_words=10)
     assert out.split() == ["w"] * 8 + ["end", "here"]
+
+
+def test_cached_embed_embeds_each_distinct_text_once_and_keeps_order():
+    from prompt_recovery.score import CachedEmbed
+
+    stub = StubEmbedder(["make", "it", "formal", "poem"])
+    cached = CachedEmbed(stub.embed)
+    first = cached(["make it formal", "poem", "make it formal"])
+    assert stub.calls == 2 and np.allclose(first, stub.embed(["make it formal", "poem", "make it formal"]))
+    stub.calls = 0
+    again = cached.embed(["poem", "formal poem"])  # also usable where an embedder's embed is called
+    assert stub.calls == 1 and np.allclose(again[0], first[1]) and cached([]).shape[0] == 0

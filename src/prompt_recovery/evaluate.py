@@ -20,10 +20,10 @@ import numpy as np
 
 from .config import EvaluateArgs, PredictArgs
 from .data import InputError, read_table
-from .ensemble import COMBINES, FIRST, MBR, Combiner, resolve_members
-from .postprocess import UNCHANGED_PROMPT, unchanged
+from .ensemble import COMBINES, FIRST, MBR, resolve_members
 from .predict import Finisher, make_combiner, predict, resolve_fallback, resolve_suffix
 from .rows import RULE, Rows
+from .submission import read_submission
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +73,30 @@ def variants_from_candidates(pargs: PredictArgs, rows: Sequence, fallback: str) 
     members, _ = resolve_members(pargs)
     names = [m.name for m in members]
     state = Rows(rows, fallback, pargs.output)
-    for i, row in enumerate(rows):
-        if row.usable and unchanged(row.original_text, row.rewritten_text):
-            state.set_rule(i, UNCHANGED_PROMPT)
+    state.apply_rules()
     state.resume({m.key: m.name for m in members})
-    combiners = {c: make_combiner(c, fallback, pargs.out) if c == MBR else Combiner(c, fallback) for c in COMBINES}
-    picks: dict[str, tuple[list[str], Combiner]] = {}
+    picks: dict[str, tuple[list[str], str]] = {}
     if len(members) > 1 or any(m.args.samples > 1 for m in members):
         for m in members:
-            picks[f"{m.name} alone"] = ([m.name], combiners[FIRST])
+            picks[f"{m.name} alone"] = ([m.name], FIRST)
             if m.args.samples > 1:
-                picks[f"{m.name}, mbr of its samples"] = ([m.name], combiners[MBR])
+                picks[f"{m.name}, mbr of its samples"] = ([m.name], MBR)
         for c in COMBINES:
-            picks[f"combine {c}"] = (names, combiners[c])
+            picks[f"combine {c}"] = (names, c)
     else:
-        picks[members[0].name] = (names, combiners[FIRST])
+        picks[members[0].name] = (names, FIRST)
+    # Only the methods used are built (MBR loads an embedder); each is shared by every pick that uses it.
+    combiners = {c: make_combiner(c, fallback, pargs.out) for c in {c for _, c in picks.values()}}
     suffix = resolve_suffix(pargs.out)
     finishers = {"": Finisher(pargs.out, suffix=""), " + suffix": Finisher(pargs.out, suffix=suffix),
                  " + mean prompt": Finisher(pargs.out, suffix=fallback)}
     out: dict[str, list[str]] = {"fallback prompt alone": [s.prompt if s.source == RULE else fallback
                                                            for s in state.states]}
-    for name, (which, combiner) in picks.items():
+    for name, (which, method) in picks.items():
         for label, finish in finishers.items():
             if label == " + suffix" and not suffix:
                 continue
-            state.recombine(range(len(rows)), which, combiner.many, finish)
+            state.recombine(range(len(rows)), which, combiners[method].many, finish)
             out[name + label] = [s.prompt for s in state.states]
     return out
 
@@ -105,7 +104,7 @@ def variants_from_candidates(pargs: PredictArgs, rows: Sequence, fallback: str) 
 def evaluate(args: EvaluateArgs, *, loader=None) -> Evaluation:
     """Predict on the labelled rows, then score the submission and every variant; write the folder."""
     from .data import read_test
-    from .score import Embedder, score_pairs
+    from .score import CachedEmbed, Embedder, score_pairs
 
     os.makedirs(args.output, exist_ok=True)
     rows = read_test(args.labeled_csv).rows
@@ -114,14 +113,14 @@ def evaluate(args: EvaluateArgs, *, loader=None) -> Evaluation:
     pargs = predict_args(args)
     report = predict(pargs, loader=loader)
     fallback = resolve_fallback(pargs.out)
-    with open(pargs.output, newline="", encoding="utf-8") as f:
-        submitted = [r["rewrite_prompt"] for r in csv.DictReader(f)]
+    submitted = [prompt for _, prompt in read_submission(pargs.output)]
     variants = {"submission": submitted, **variants_from_candidates(pargs, rows, fallback)}
     per_row: dict[tuple[str, str], np.ndarray] = {}
     means: dict[str, dict[str, float]] = {v: {} for v in variants}
     for scorer in scorers:
+        cached = CachedEmbed(scorer.embed)  # the gold and the texts variants share are embedded once
         for name, texts in variants.items():
-            scores = score_pairs(scorer, texts, gold)
+            scores = score_pairs(cached, texts, gold)
             per_row[(name, scorer.label)] = scores
             means[name][scorer.label] = float(scores.mean()) if len(scores) else 0.0
     labels = [s.label for s in scorers]

@@ -71,15 +71,11 @@ class MeanObjective:
     """
 
     def __init__(self, embedder, gold: Sequence[str], cache: dict | None = None) -> None:
+        from .score import CachedEmbed
+
         self.embedder = embedder
         self.gold = embedder.embed(list(gold))
-        self.cache = {} if cache is None else cache
-
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if new:
-            self.cache.update(zip(new, self.embedder.embed(new)))
-        return np.stack([self.cache[t] for t in texts])
+        self._embed = CachedEmbed(embedder.embed, cache)
 
     def __call__(self, candidates: Sequence[str]) -> np.ndarray:
         from .score import sharpened_cosine_matrix

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import BudgetArgs, PredictArgs
 from .data import read_test
-from .submission import CandidateLog, input_fingerprint, read_submission, write_submission
+from .submission import CandidateLog, read_submission, write_submission
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +156,12 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str,
 
 def _merge_candidates(output: str, rows, shards) -> None:
     """The replicas' candidate logs as one OUTPUT.candidates.jsonl, rows numbered as in the whole input."""
-    ids = [r.id for r in rows]
-    merged = CandidateLog(CandidateLog.path_for(output),
-                          input_fingerprint(ids, [(r.original_text, r.rewritten_text) for r in rows]))
+    merged = CandidateLog.for_rows(output, rows)
     merged.start(keep=False)
     for positions, shard_out, _ in shards:
         shard_rows = [rows[i] for i in positions]
-        shard_ids = [r.id for r in shard_rows]
-        log_ = CandidateLog(CandidateLog.path_for(str(shard_out)),
-                            input_fingerprint(shard_ids, [(r.original_text, r.rewritten_text) for r in shard_rows]))
-        merged.append([{**rec, "row": positions[rec["row"]]} for rec in log_.load(shard_ids)])
+        log_ = CandidateLog.for_rows(str(shard_out), shard_rows)
+        merged.append([{**rec, "row": positions[rec["row"]]} for rec in log_.load([r.id for r in shard_rows])])
 
 
 def _read_json(path: Path) -> dict | None:

@@ -27,7 +27,7 @@ from importlib.resources import files
 from .config import OutputArgs, PredictArgs
 from .data import InputError, read_test
 from .ensemble import MBR, Combiner, Member, groups, resolve_members, share_of
-from .postprocess import UNCHANGED_PROMPT, clean, fit_with_suffix, normalise, unchanged
+from .postprocess import clean, fit_with_suffix, normalise
 from .rows import FALLBACK, MODEL, RULE, Rows
 from .scheduler import Outcome, Scheduler
 
@@ -193,10 +193,10 @@ def make_combiner(method: str, fallback: str, out: OutputArgs) -> Combiner:
     """The run's combiner; MBR embeds with the scorer's embedder (--embedder), else the packaged stand-in."""
     embed = None
     if method == MBR:
-        from .score import Embedder
+        from .score import CachedEmbed, Embedder
 
         embedder = Embedder(out.embedder)  # MBR under the metric: the scorer's embedder, or the stand-in
-        embed = embedder.embed
+        embed = CachedEmbed(embedder.embed)  # rows are recombined after every batch: embed each text once
     return Combiner(method, fallback, embed)
 
 
@@ -233,11 +233,7 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     def recombine(indices) -> None:
         rows.recombine(indices, names, combine.many, finish)
 
-    for i, state in enumerate(rows.states):
-        if not state.row.usable:
-            rows.fall_back(i, "empty_text")  # nothing to read a prompt from: the mean prompt is the best guess
-        elif unchanged(state.row.original_text, state.row.rewritten_text):
-            rows.set_rule(i, UNCHANGED_PROMPT)
+    rows.apply_rules()
     report.rule_based = rows.count(RULE)
     if args.resume:
         for name, count in rows.resume({m.key: m.name for m in members}).items():

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .data import Row
-from .submission import CandidateLog, input_fingerprint, write_submission
+from .postprocess import UNCHANGED_PROMPT, unchanged
+from .submission import CandidateLog, write_submission
 
 FALLBACK = "fallback"
 RULE = "rule"
@@ -41,8 +42,7 @@ class Rows:
         self.fallback = fallback
         self.output = output
         self.states = [RowState(r, fallback) for r in rows]
-        self.log = CandidateLog(CandidateLog.path_for(output),
-                                input_fingerprint(self.ids, [(r.original_text, r.rewritten_text) for r in rows]))
+        self.log = CandidateLog.for_rows(output, rows)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -89,6 +89,14 @@ class Rows:
                           "text": text} for i, key, name, sample, text in entries])
 
     # -- prompts ------------------------------------------------------------------------------------------
+    def apply_rules(self) -> None:
+        """Rows answered without a model: an empty text keeps the fallback, an unchanged text gets its rule."""
+        for i, s in enumerate(self.states):
+            if not s.row.usable:
+                self.fall_back(i, "empty_text")  # nothing to read a prompt from: the mean prompt is the best guess
+            elif unchanged(s.row.original_text, s.row.rewritten_text):
+                self.set_rule(i, UNCHANGED_PROMPT)
+
     def set_rule(self, i: int, prompt: str) -> None:
         s = self.states[i]
         s.prompt, s.source, s.reason = prompt, RULE, None

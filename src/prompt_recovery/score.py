@@ -12,7 +12,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +76,25 @@ class Embedder:
 
     def fits(self, texts: Sequence[str]) -> list[bool]:
         return [n <= self.max_seq_length for n in self.token_count(texts)]
+
+
+class CachedEmbed:
+    """An ``embed`` that embeds each distinct text once: searches, MBR and evaluate score the same strings again.
+
+    ``cache`` (text -> vector) may be shared by several users of one embedder.
+    """
+
+    def __init__(self, embed: Callable[[Sequence[str]], np.ndarray], cache: dict | None = None) -> None:
+        self._embed = embed
+        self.cache = {} if cache is None else cache
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            self.cache.update(zip(new, self._embed(new)))
+        return np.stack([self.cache[t] for t in texts]) if len(texts) else np.zeros((0, 0))
+
+    embed = __call__  # so it stands wherever an embedder's ``embed`` is called
 
 
 def sharpen(cos, power: int = 3) -> np.ndarray:

@@ -150,6 +150,13 @@ class CandidateLog:
     def path_for(output: str) -> str:
         return output + ".candidates.jsonl"
 
+    @classmethod
+    def for_rows(cls, output: str, rows) -> CandidateLog:
+        """The log beside ``output`` for these rows (objects with id, original_text, rewritten_text)."""
+        rows = list(rows)
+        return cls(cls.path_for(output),
+                   input_fingerprint([r.id for r in rows], [(r.original_text, r.rewritten_text) for r in rows]))
+
     def _lines(self) -> list[str]:
         with open(self.path, encoding="utf-8") as f:
             return f.read().splitlines()
