@@ -182,7 +182,7 @@ def _ship_members(spec: str, tmp: Path, copied: dict[Path, str]) -> None:
 def bundle(args: BundleArgs) -> dict:
     """Build the bundle folder; returns its manifest."""
     from . import __version__
-    from .predict import shipped_text
+    from .postprocess import shipped_text
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

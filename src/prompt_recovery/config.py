@@ -13,7 +13,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field, fields
 from functools import cache
-from typing import Literal
+from typing import Literal, get_args
 
 Quantize = Literal["none", "4bit", "8bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -181,7 +181,7 @@ class EnsembleArgs:
     """How a row's candidates become one prompt: first (members in order), concat, or mbr (metric medoid)."""
 
     def __post_init__(self) -> None:
-        _choice("combine", self.combine, ("first", "concat", "mbr"))
+        _choice("combine", self.combine, get_args(Combine))
 
 
 @dataclass
@@ -300,7 +300,7 @@ class OptimizeArgs:
         _choice("objective", self.objective, ("mean", "worst"))
         self.fluency = [g for g in dict.fromkeys(self.fluency or []) if g != "none"]
         for guard in self.fluency:
-            _choice("fluency", guard, ("none", "function-words", "perplexity"))
+            _choice("fluency", guard, ("function-words", "perplexity"))
         if not 0 < self.max_function_rate <= 1:
             raise ValueError(f"max_function_rate must be in (0, 1]; got {self.max_function_rate}")
         if self.max_perplexity is not None and self.max_perplexity <= 1:

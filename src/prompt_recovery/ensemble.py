@@ -19,14 +19,16 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import get_args
 
 import numpy as np
 
-from .config import MemberArgs, PredictArgs
+from .config import Combine, MemberArgs, PredictArgs
 from .data import InputError
+from .score import sharpen
 
 FIRST, CONCAT, MBR = "first", "concat", "mbr"
-COMBINES = (FIRST, CONCAT, MBR)
+COMBINES = get_args(Combine)  # first, concat, mbr
 
 
 @dataclass(frozen=True)
@@ -235,12 +237,12 @@ def mbr_pick(embeddings: np.ndarray, prior: np.ndarray | None) -> int:
     k = embeddings.shape[0]
     if k == 1:
         return 0
-    sims = np.clip(embeddings @ embeddings.T, -1, 1) ** 3
+    sims = sharpen(embeddings @ embeddings.T)
     np.fill_diagonal(sims, 0.0)
     total = sims.sum(axis=1)
     refs = k - 1
     if prior is not None:
-        total = total + np.clip(embeddings @ prior, -1, 1) ** 3
+        total = total + sharpen(embeddings @ prior)
         refs += 1
     return int(np.argmax(total / refs))
 

@@ -21,13 +21,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib.resources import files
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .data import InputError
-from .postprocess import SAFE_TOTAL_WORDS, fit_with_suffix, normalise
+from .postprocess import SAFE_TOTAL_WORDS, fit_with_suffix, normalise, shipped_text
 
 BASELINE = "Improve the text to this."
 PUBLIC_MEAN_PROMPT = (
@@ -150,13 +149,11 @@ def join_suffix(prediction: str, suffix: str, embedder=None, max_words: int = SA
 def shipped_mean_prompt() -> str:
     """The mean prompt the package ships (predict's fallback): a start of every search, so a new search is never
     worse on its held-out prompts than what is shipped."""
-    path = files("prompt_recovery").joinpath("assets", "mean_prompt.txt")
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    return shipped_text("mean_prompt.txt")
 
 
 def shipped_vocabulary() -> list[str]:
-    text = files("prompt_recovery").joinpath("assets", "vocab.txt").read_text(encoding="utf-8")
-    return [w for w in text.split() if w]
+    return shipped_text("vocab.txt").split()
 
 
 def build_vocabulary(prompts: Sequence[str], limit: int = 600) -> list[str]:
@@ -534,7 +531,8 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
             held_rows = [(i, by_id[i], g) for i, g in zip(val_ids, val_gold) if i in by_id and by_id[i].strip()]
             if not held_rows:
                 raise InputError(f"no ids of {args.val} have a prediction in {args.predictions}")
-            train_rows = [r for r in rows if r[0] not in set(val_ids)]
+            held_ids = set(val_ids)
+            train_rows = [r for r in rows if r[0] not in held_ids]
         elif args.holdout > 0:
             tr, he = split_holdout([g for _, _, g in rows], args.holdout, args.seed)
             train_rows, held_rows = [rows[i] for i in tr], [rows[i] for i in he]

@@ -8,6 +8,14 @@ plain text, whitespace collapsed, capped in words (the scorer reads only its fir
 from __future__ import annotations
 
 import re
+from importlib.resources import files
+
+
+def shipped_text(name: str) -> str:
+    """A text file shipped in the package's assets, stripped; empty if the package ships none."""
+    path = files("prompt_recovery").joinpath("assets", name)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+
 
 # Shown when the two texts are the same: the rewrite evidently asked for no change.
 UNCHANGED_PROMPT = "Rewrite this text exactly as it is, keeping every word the same."

@@ -22,12 +22,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.resources import files
 
 from .config import OutputArgs, PredictArgs
 from .data import InputError, read_test
 from .ensemble import MBR, Combiner, Member, groups, resolve_members, share_of
-from .postprocess import clean, fit_with_suffix, normalise
+from .postprocess import clean, fit_with_suffix, normalise, shipped_text
 from .rows import FALLBACK, MODEL, RULE, Rows
 from .scheduler import Outcome, Scheduler
 
@@ -125,12 +124,6 @@ class Report:
         if self.error:
             lines.append(f"error: {self.error}")
         return "\n".join(lines)
-
-
-def shipped_text(name: str) -> str:
-    """A text file shipped in the package's assets, stripped; empty if the package ships none."""
-    path = files("prompt_recovery").joinpath("assets", name)
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
 
 def resolve_fallback(out: OutputArgs) -> str:
@@ -355,7 +348,7 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
     """Load one model with every member's adapter, then serve all members' rows in one scheduler run."""
     from . import model as model_lib
     from .engine import Engine, Request
-    from .prompt import PromptBuilder, newline_token_ids
+    from .prompt import PromptBuilder, eos_token_ids, newline_token_ids
 
     # One key per answer to make: (row, member rank, sample), minus what an earlier run already made.
     keys = [(i, m.rank, s) for m in group for i in todo for s in range(m.args.samples) if not rows.has(i, m.name, s)]
@@ -399,10 +392,7 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
         requests[i, rank, s] = Request(prompt_ids[i, rank], adapter=adapter[rank],
                                        temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
                                        seed=_seed(m.args.seed, rank, i, s))
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
-    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    engine = Engine(loaded.model, tok.pad_token_id, eos, args.generation.max_new_tokens,
+    engine = Engine(loaded.model, tok.pad_token_id, eos_token_ids(tok, loaded.model), args.generation.max_new_tokens,
                     stop_ids=newline_token_ids(tok), served=loaded.served, clock=clock)
 
     def on_batch(done: dict[tuple, Outcome]) -> None:

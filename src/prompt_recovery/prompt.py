@@ -192,6 +192,14 @@ class PromptBuilder:
         return self._encode(answer)
 
 
+def eos_token_ids(tokenizer, model) -> set[int]:
+    """Ids that end an answer: the tokenizer's EOS and every EOS the model's generation config lists (an
+    instruct model's end-of-turn token is often only there)."""
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return eos | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+
+
 def newline_token_ids(tokenizer) -> set[int]:
     """Ids of every token whose text holds a line break: the answer is one line, generation stops there.
 

@@ -270,13 +270,13 @@ def _val_score(model, tokenizer, builder, val_rows, args) -> float:
     from .engine import Engine, Request
     from .meanprompt import BASELINE
     from .postprocess import clean
-    from .prompt import newline_token_ids
+    from .prompt import eos_token_ids, newline_token_ids
     from .score import Embedder, score_pairs
 
     was_training = model.training
     model.eval()
     served_model, served, name = from_peft(model)  # the adapter as predict will serve it
-    engine = Engine(served_model, tokenizer.pad_token_id, [tokenizer.eos_token_id], max_new_tokens=32,
+    engine = Engine(served_model, tokenizer.pad_token_id, eos_token_ids(tokenizer, served_model), max_new_tokens=32,
                     stop_ids=newline_token_ids(tokenizer), served=served)
     preds = []
     for k in range(0, len(val_rows), args.batch_size):
@@ -287,7 +287,10 @@ def _val_score(model, tokenizer, builder, val_rows, args) -> float:
             preds.append(text or BASELINE)  # the scorer rejects blanks; so would Kaggle
     if was_training:
         model.train()
-    embedder = _embedder_cache.setdefault(args.embedder or "", Embedder(args.embedder))
+    key = args.embedder or ""
+    if key not in _embedder_cache:  # loaded once per run, not at every evaluation (setdefault would load each time)
+        _embedder_cache[key] = Embedder(args.embedder)
+    embedder = _embedder_cache[key]
     return float(score_pairs(embedder, preds, [g for _, _, g in val_rows]).mean())
 
 

@@ -18,12 +18,12 @@ from . import lora, prefix, soft_prompt
 
 log = logging.getLogger(__name__)
 
-# peft_type -> (kind, module that serves it)
+# peft_type -> how it is served
 METHODS = {
-    "PROMPT_TUNING": ("soft_prompt", soft_prompt),
-    "P_TUNING": ("soft_prompt", soft_prompt),  # its saved vectors are the encoder's output: served the same way
-    "PREFIX_TUNING": ("prefix", prefix),
-    "LORA": ("lora", lora),
+    "PROMPT_TUNING": "soft_prompt",
+    "P_TUNING": "soft_prompt",  # its saved vectors are the encoder's output: served the same way
+    "PREFIX_TUNING": "prefix",
+    "LORA": "lora",
 }
 
 
@@ -50,7 +50,7 @@ def attach(model, folders: Mapping[str, str], configs: Mapping[str, dict], *, qu
         if kind not in METHODS:
             raise InputError(f"adapter {folder} is {kind}; served methods: {', '.join(sorted(METHODS))}")
         kinds[name] = kind
-        method = METHODS[kind][0]
+        method = METHODS[kind]
         if method == "soft_prompt":
             served.soft_prompts[name] = soft_prompt.load(model, folder)
         elif method == "prefix":
