@@ -155,15 +155,14 @@ def resolve_members(args: PredictArgs) -> tuple[list[Member], str]:
 def _check_paths(spec: MemberArgs) -> None:
     # Checked before anything runs, cheaply (no weights): a typo in the second member must not cost the first
     # member's hour. What only a loaded model can tell (an adapter for another base) fails that member alone.
+    from .model import read_adapter_config, resolve_adapter
     from .prompt import Template
 
     if spec.model is not None and not os.path.exists(os.path.expanduser(spec.model)):
         raise InputError(f"model not found: {spec.model} (give an HF model folder or a .gguf file)")
-    if spec.adapter not in ("auto", "none"):
-        if not os.path.isdir(spec.adapter):
-            raise InputError(f"adapter folder not found: {spec.adapter}")
-        if not os.path.isfile(os.path.join(spec.adapter, "adapter_config.json")):
-            raise InputError(f"adapter folder {spec.adapter} has no adapter_config.json")
+    folder = resolve_adapter(spec.adapter, "", embedded=False)  # "auto" is resolved where the model is known
+    if folder is not None:
+        read_adapter_config(folder)  # InputError: no adapter_config.json, or one that does not parse
     if spec.template is not None:
         Template.load(spec.template)  # InputError naming the file
 

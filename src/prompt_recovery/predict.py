@@ -379,7 +379,6 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
     for j, m in enumerate(group):
         template = _template(args, m, loaded.adapter_paths[j])
         prefix[m.rank] = template.answer_prefix
-        reports[m.name].adapter_type = loaded.kinds.get(adapter[m.rank]) if adapter[m.rank] else None
         if j == 0:
             report.template = asdict(template)
         builder = PromptBuilder(tok, template, args.prompt.max_input_tokens)
