@@ -375,20 +375,24 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
     tok = loaded.tokenizer
     adapter = {m.rank: loaded.adapter_names[j] for j, m in enumerate(group)}
     prefix: dict[int, str] = {}
-    prompt_ids: dict[tuple[int, int], list[int]] = {}
+    template_of: dict[int, object] = {}
+    # Once per row and template, whatever the members and samples sharing it (greedy and sampled members of one
+    # adapter share its template): tokenizing a 1,024-token prompt is not free.
+    prompt_ids: dict[tuple[int, object], list[int]] = {}
     for j, m in enumerate(group):
-        template = _template(args, m, loaded.adapter_paths[j])
+        template = template_of[m.rank] = _template(args, m, loaded.adapter_paths[j])
         prefix[m.rank] = template.answer_prefix
         if j == 0:
             report.template = asdict(template)
         builder = PromptBuilder(tok, template, args.prompt.max_input_tokens)
-        for i in {k[0] for k in keys if k[1] == m.rank}:  # once per row and member, whatever its samples
-            prompt_ids[i, m.rank] = builder.build(rows[i].row.original_text, rows[i].row.rewritten_text)
+        for i in {k[0] for k in keys if k[1] == m.rank}:
+            if (i, template) not in prompt_ids:
+                prompt_ids[i, template] = builder.build(rows[i].row.original_text, rows[i].row.rewritten_text)
     requests = {}
     for i, rank, s in keys:
         m = by_rank[rank]
         sampled = m.args.samples > 1
-        requests[i, rank, s] = Request(prompt_ids[i, rank], adapter=adapter[rank],
+        requests[i, rank, s] = Request(prompt_ids[i, template_of[rank]], adapter=adapter[rank],
                                        temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
                                        seed=_seed(m.args.seed, rank, i, s))
     engine = Engine(loaded.model, tok.pad_token_id, eos_token_ids(tok, loaded.model), args.generation.max_new_tokens,
