@@ -158,10 +158,10 @@ def _ship_members(spec: str, tmp: Path, copied: dict[Path, str]) -> None:
     """
     from dataclasses import asdict
 
-    from .ensemble import read_spec
+    from .ensemble import read_spec, resolved
 
-    members, combine = read_spec(spec)
-    written, _ = read_spec(spec, resolve_paths=False)
+    written, combine = read_spec(spec, resolve_paths=False)  # model paths stay as written (Kaggle's)
+    members = [resolved(m, os.path.dirname(os.path.abspath(spec))) for m in written]
     out = []
     for n, (m, raw) in enumerate(zip(members, written)):
         entry = {k: v for k, v in asdict(m).items() if v is not None}

@@ -193,7 +193,7 @@ def _columns(path: str, header: list[str], lines: list[list[str]], warnings: lis
 def _hint(header: list[str]) -> str:
     """What a header that lacks a required column most likely is, for the one-line error."""
     first = header[0] if header else ""
-    if "\x00" in "".join(header) or first.startswith(("\xff\xfe", "\xfe\xff", "ÿþ", "þÿ")):
+    if "\x00" in "".join(header):  # UTF-16 without its byte-order mark (with one, it is read as UTF-16)
         return "; the file looks UTF-16: save it as UTF-8"
     for sep, name in (("\t", "tab"), (";", "semicolon"), ("|", "pipe")):
         if len(header) == 1 and sep in first:

@@ -14,6 +14,7 @@ Combinations of a row's candidates (members in priority order):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -87,10 +88,10 @@ def read_spec(path: str, resolve_paths: bool = True) -> tuple[list[MemberArgs], 
             if not _of_type(value, want):
                 raise InputError(f"{path}: member {n + 1}: {key} must be {want}; got {value!r}")
         try:
-            folder = os.path.dirname(os.path.abspath(path))
-            members.append(MemberArgs(**(_relative_to(entry, folder) if resolve_paths else entry)))
+            member = MemberArgs(**entry)
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: member {n + 1}: {exc}") from None
+        members.append(resolved(member, os.path.dirname(os.path.abspath(path))) if resolve_paths else member)
     combine = data.get("combine")
     if combine is not None and combine not in COMBINES:
         raise InputError(f"{path}: combine must be one of {', '.join(COMBINES)}; got {combine!r}")
@@ -116,16 +117,18 @@ def _of_type(value, annotation: str) -> bool:
     return True
 
 
-def _relative_to(entry: dict, folder: str) -> dict:
-    # Relative paths in a spec are relative to the spec's own folder, so a bundle (or a Kaggle dataset) can
-    # carry a spec and the adapters it names and work wherever it is mounted.
-    out = dict(entry)
+def resolved(member: MemberArgs, folder: str) -> MemberArgs:
+    """The member with its relative paths made relative to ``folder`` (the spec's own).
+
+    So a bundle (or a Kaggle dataset) can carry a spec and the adapters it names, and work wherever it is mounted.
+    """
+    changes = {}
     for key in PATH_FIELDS:
-        value = out.get(key)
+        value = getattr(member, key)
         if isinstance(value, str) and value and value not in ("auto", "none") and not os.path.isabs(
                 os.path.expanduser(value)):
-            out[key] = os.path.join(folder, value)
-    return out
+            changes[key] = os.path.join(folder, value)
+    return dataclasses.replace(member, **changes)
 
 
 def resolve_members(args: PredictArgs) -> tuple[list[Member], str]:
