@@ -159,3 +159,33 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
     again = train(args_for(tmp_path, tiny_model_dir, max_steps=4, resume=True))
     # Only the two missing steps ran: the batches seen are those of steps 3 and 4.
     assert again.summary["steps"] == 4 and len(again.order) == 4
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix-tuning"])
+def test_target_loss_equals_the_models_own_loss(method):
+    """The loss on answer positions only (logits projected there alone) is the model's full loss, to rounding,
+    for right-padded rows of different lengths and for methods that prepend virtual tokens."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prompt_recovery.train import _virtual_tokens, target_loss
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+    cfg = {"lora": LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["q_proj", "v_proj"]),
+           "prompt-tuning": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
+           "prefix-tuning": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3)}[method]
+    model = get_peft_model(base, cfg)
+    ids = torch.randint(3, 50, (3, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100
+    labels[1, 4:7] = ids[1, 4:7]  # a row whose answer starts earlier (never at 0: the prompt comes first)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # right padding
+    labels[2, 9:] = -100
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    expected = model(**inputs).loss
+    got = target_loss(model, inputs, _virtual_tokens(model))
+    assert _virtual_tokens(model) == (3 if method == "prompt-tuning" else 0)
+    assert torch.allclose(got, expected, atol=1e-5), (float(got), float(expected))

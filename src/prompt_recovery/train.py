@@ -151,12 +151,47 @@ class TrainResult:
     """Training rows in the order the batches saw them (across epochs)."""
 
 
+@dataclass
+class Prepared:
+    """What one training run works on, built once: the base with its adapter, the tokenized rows, the template."""
+
+    peft_model: object
+    tokenizer: object
+    builder: PromptBuilder
+    base: dict
+    """The base model's identity as on disk (what predict checks an adapter against)."""
+    train_ds: RecoveryDataset
+    val_ds: RecoveryDataset | None
+    val_rows: list
+    trainable: int
+    total: int
+
+
 def train(args: TrainArgs) -> TrainResult:
     """Train an adapter into ``args.output``; returns the summary and the trained model."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
+    prep = _prepare(args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, collator = _trainer(args, prep, out / "checkpoints")
+    result = _fit(trainer, args, out / "checkpoints")
+    _save_adapter(prep, out)
+    summary = _summary(args, prep, trainer, result, time.monotonic() - start)
+    (out / "train_args.json").write_text(json.dumps(_jsonable(asdict(args)), indent=2))
+    (out / "train_log.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    _plot(trainer.state.log_history, out / "loss.png")
+    if not args.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the best weights are saved; checkpoints are bulk
+    prep.peft_model.eval()
+    return TrainResult(summary=summary, model=prep.peft_model, order=list(collator.seen))
+
+
+def _prepare(args: TrainArgs) -> Prepared:
+    """Rows read and tokenized as predict will tokenize them; the base loaded and wrapped in a fresh adapter."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
     rows, val_rows = _split_val(read_train(args.train_csv), args)
     set_seed(args.seed)
     model, tokenizer, folder, base = _load_for_training(args)
@@ -164,19 +199,17 @@ def train(args: TrainArgs) -> TrainResult:
     builder = PromptBuilder(tokenizer, template, args.max_input_tokens)
     train_ds = RecoveryDataset(rows, builder, tokenizer.eos_token_id)
     val_ds = RecoveryDataset(val_rows, builder, tokenizer.eos_token_id) if val_rows else None
-
-    from peft import get_peft_model
-
     peft_model = get_peft_model(model, peft_config(args, folder, tokenizer))
     trainable, total = peft_model.get_nb_trainable_parameters()
+    return Prepared(peft_model, tokenizer, builder, base, train_ds, val_ds, val_rows, trainable, total)
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
-    steps_per_epoch = math.ceil(len(train_ds) / (args.batch_size * args.grad_accum))
+
+def _training_arguments(args: TrainArgs, n_rows: int, has_val: bool, ckpt_dir: Path):
+    from transformers import TrainingArguments
+
+    steps_per_epoch = math.ceil(n_rows / (args.batch_size * args.grad_accum))
     eval_steps = args.eval_steps or max(1, steps_per_epoch)
-    has_val = val_ds is not None
-    targs = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -205,13 +238,25 @@ def train(args: TrainArgs) -> TrainResult:
         save_only_model=False,
         dataloader_num_workers=0,
     )
-    collator = Collator(tokenizer)
 
-    class ScoreTrainer(Trainer):
+
+def _trainer(args: TrainArgs, prep: Prepared, ckpt_dir: Path):
+    """transformers' Trainer with the loss on answer positions only and the optional scored evaluation."""
+    from transformers import Trainer, TrainerCallback
+
+    virtual = _virtual_tokens(prep.peft_model)
+
+    class RecoveryTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # target_loss is a per-batch mean: Trainer divides it by the accumulation
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = target_loss(model, inputs, virtual)
+            return (loss, {}) if return_outputs else loss  # no logits kept: evaluation reads only the loss
+
         def evaluate(self, *a, **kw):
             metrics = super().evaluate(*a, **kw)
-            if args.eval_score and val_rows:
-                metrics["eval_score"] = _val_score(self.model, tokenizer, builder, val_rows, args)
+            if args.eval_score and prep.val_rows:
+                metrics["eval_score"] = _val_score(self.model, prep.tokenizer, prep.builder, prep.val_rows, args)
                 self.log({"eval_score": metrics["eval_score"]})
             return metrics
 
@@ -220,48 +265,76 @@ def train(args: TrainArgs) -> TrainResult:
             if logs and args.progress:
                 log.info("step %d: %s", state.global_step, logs)
 
-    trainer = ScoreTrainer(model=peft_model, args=targs, train_dataset=train_ds, eval_dataset=val_ds,
-                           data_collator=collator, callbacks=[Losses()])
+    collator = Collator(prep.tokenizer)
+    targs = _training_arguments(args, len(prep.train_ds), prep.val_ds is not None, ckpt_dir)
+    trainer = RecoveryTrainer(model=prep.peft_model, args=targs, train_dataset=prep.train_ds,
+                              eval_dataset=prep.val_ds, data_collator=collator, callbacks=[Losses()])
+    return trainer, collator
+
+
+def _virtual_tokens(peft_model) -> int:
+    """Positions peft prepends to the inputs (prompt tuning, p-tuning); prefix tuning lives in the cache instead."""
+    cfg = peft_model.active_peft_config
+    if getattr(cfg, "is_prompt_learning", False) and str(cfg.peft_type).rsplit(".", 1)[-1] != "PREFIX_TUNING":
+        return int(cfg.num_virtual_tokens)
+    return 0
+
+
+def target_loss(model, inputs: dict, virtual_tokens: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens, with logits computed only at the positions that predict one.
+
+    The vocabulary projection is most of a small model's cost (Gemma 3 270M: 168M of its 268M weights, and a
+    262,144-wide float32 softmax per position), while the loss reads only the ~20 answer positions of a row of
+    hundreds: projecting every position, as the model's own loss does, is wasted work. Same loss, same gradients.
+    """
+    labels = inputs["labels"]
+    predicts = labels[:, 1:] != -100  # position p predicts token p + 1
+    keep = torch.nn.functional.pad(predicts, (virtual_tokens, 1), value=False)  # peft prepends virtual tokens
+    batch = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**batch, logits_to_keep=keep).logits  # (answer positions, vocabulary): the mask flattens
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts])
+
+
+def _fit(trainer, args: TrainArgs, ckpt_dir: Path):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     resume = args.resume and ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    return trainer.train(resume_from_checkpoint=True if resume else None)
 
+
+def _save_adapter(prep: Prepared, out: Path) -> None:
+    """The adapter as predict loads it: inference config, template and base identity beside the weights."""
+    peft_model = prep.peft_model
     # Saved as inference adapters: a text init needs no tokenizer path on the machine that loads it.
     cfg = peft_model.peft_config["default"]
     if getattr(cfg, "prompt_tuning_init", None) is not None and str(cfg.prompt_tuning_init).endswith("TEXT"):
         cfg.prompt_tuning_init = "RANDOM"
         cfg.tokenizer_name_or_path = None
-    cfg.base_model_name_or_path = base["name"]  # a machine-local cache path means nothing elsewhere
+    cfg.base_model_name_or_path = prep.base["name"]  # a machine-local cache path means nothing elsewhere
     peft_model.save_pretrained(str(out))
     # peft's generated model card is boilerplate that records this machine's cache path: not worth shipping.
     (out / "README.md").unlink(missing_ok=True)
-    template.save(str(out))
-    write_identity(str(out), base)
-    history = trainer.state.log_history
-    summary = {
+    prep.builder.template.save(str(out))
+    write_identity(str(out), prep.base)
+
+
+def _summary(args: TrainArgs, prep: Prepared, trainer, result, seconds: float) -> dict:
+    return {
         "method": args.method,
-        "base_model": base,
-        "rows": len(train_ds),
-        "val_rows": len(val_rows),
-        "trainable_params": trainable,
-        "total_params": total,
+        "base_model": prep.base,
+        "rows": len(prep.train_ds),
+        "val_rows": len(prep.val_rows),
+        "trainable_params": prep.trainable,
+        "total_params": prep.total,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "best_metric": trainer.state.best_metric,
         "best_checkpoint": trainer.state.best_model_checkpoint,
-        "seconds": time.monotonic() - start,
+        "seconds": seconds,
         "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "log_history": history,
+        "log_history": trainer.state.log_history,
     }
-    (out / "train_args.json").write_text(json.dumps(_jsonable(asdict(args)), indent=2))
-    (out / "train_log.json").write_text(json.dumps(_jsonable(summary), indent=2))
-    _plot(history, out / "loss.png")
-    if not args.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the best weights are saved above; checkpoints are bulk
-    peft_model.eval()
-    return TrainResult(summary=summary, model=peft_model, order=list(collator.seen))
 
 
 def _val_score(model, tokenizer, builder, val_rows, args) -> float:
