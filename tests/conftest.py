@@ -120,6 +120,25 @@ def make_model(tokenizer, hidden_size: int = 16, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def greedy_without_cache(model, ids, eos, max_new: int) -> list[int]:
+    """One row, greedy, the whole sequence through ``model(...)`` at every step, no KV cache: the reference for
+    prompt-learning adapters. peft's ``generate`` loses them on transformers >= 5.24 (it passes the prefix as
+    ``past_key_values`` while generate also sets the new ``cache``, and the model keeps ``cache``), so it cannot be
+    the reference there; a plain forward still gets them right."""
+    import torch
+
+    seq, new = list(ids), []
+    for _ in range(max_new):
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            t = int(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, -1].argmax())
+        if t in eos:
+            break
+        new.append(t)
+        seq.append(t)
+    return new
+
+
 def save_tiny(folder, hidden_size: int = 16, seed: int = 0) -> str:
     tok = make_tokenizer()
     model = make_model(tok, hidden_size, seed)

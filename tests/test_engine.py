@@ -13,7 +13,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import greedy_without_cache, make_model, make_tokenizer
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -37,7 +37,9 @@ class StopAfterFirst(StoppingCriteria):
 
 
 def reference(model, ids, eos, stop=(), max_new=MAX_NEW):
-    """One row, no padding, through generate (peft's generate for a PeftModel)."""
+    """One row, no padding, through generate; a prompt-learning PeftModel through a cache-free greedy loop."""
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning and not stop:
+        return greedy_without_cache(model, ids, eos, max_new)
     x = torch.tensor([ids])
     criteria = StoppingCriteriaList([StopAfterFirst(len(ids), stop)]) if stop else None
     with torch.no_grad():

@@ -24,6 +24,7 @@ can retry a smaller batch with that memory free. Non-finite logits (float16 over
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ class Engine:
             raise ValueError("serve soft prompts and prefixes through adapters.attach / adapters.from_peft")
         self.model = model  # a transformers model, or a PeftModel holding LoRA adapters
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40).
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         self.served = served or Served()
         if self.served.lora and not hasattr(model, "peft_config"):
             raise ValueError("LoRA adapters are served from a PeftModel; got a plain model")
@@ -176,8 +179,8 @@ class Engine:
             positions = mask.cumsum(-1) - 1
             positions.masked_fill_(mask == 0, 1)  # as generate does; masked columns are never attended
             width = inputs["input_ids" if "input_ids" in inputs else "inputs_embeds"].shape[1]
-            logits = self._forward(attention_mask=mask, position_ids=positions[:, -width:], past_key_values=cache,
-                                   **inputs)
+            logits = self._forward(attention_mask=mask, position_ids=positions[:, -width:],
+                                   **{self._cache_kw: cache}, **inputs)
             samplers = [_Sampler(r, self.device) if r.temperature > 0 else None for r in reqs]
             out: list[list[int]] = [[] for _ in range(n)]
             rows = list(range(n))  # batch index -> request index, for the rows still running
@@ -215,7 +218,7 @@ class Engine:
                 last = last + 1
                 step = torch.tensor(next_ids, device=self.device).unsqueeze(1)
                 logits = self._forward(input_ids=step, attention_mask=mask, position_ids=last.unsqueeze(1),
-                                       past_key_values=cache)
+                                       **{self._cache_kw: cache})
                 stats.row_steps += len(rows)
                 next_ids = self._pick(logits, [samplers[i] for i in rows])
             stats.decode_s = self.clock() - t1

@@ -378,6 +378,10 @@ def search(
             evaluate(cands)
             leader = beams[0]
             beams = pick_beams(list(dict.fromkeys(beams + cands)))
+            if leader in beams and train[beams[0]] <= train[leader] + 1e-12:
+                # A tie is no move: the incumbent stays first (name order would swap in a longer equal string).
+                beams.remove(leader)
+                beams.insert(0, leader)
             done_rounds = r
             evaluate_held(beams)
             if beams[0] != leader:
