@@ -16,13 +16,13 @@ import types
 import typing
 from collections.abc import Callable
 
-from .config import BundleArgs, EvaluateArgs, OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
+from .config import BundleArgs, EvaluateArgs, GenerateArgs, OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
 from .data import InputError
 
 # Short spellings promised by the command-line contract.
 SHORT = {"output": "-o"}
-# Options of shared dataclasses that mean nothing to a command: train attaches no stored adapter.
-SKIP = {"train": frozenset({"adapter", "merge_lora"})}
+# Options of shared dataclasses that mean nothing to a command: train and generate-data attach no stored adapter.
+SKIP = {"train": frozenset({"adapter", "merge_lora"}), "generate-data": frozenset({"adapter", "merge_lora"})}
 
 
 def _base_type(tp):
@@ -241,6 +241,13 @@ def run_train(args: TrainArgs) -> int:
     return 0
 
 
+def run_generate(args: GenerateArgs) -> int:
+    from .generate import generate
+
+    print(generate(args).summary(), file=sys.stderr)
+    return 0
+
+
 def run_bundle(args: BundleArgs) -> int:
     from .bundle import bundle
 
@@ -259,6 +266,8 @@ COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
     "score": (ScoreArgs, ("submission", "gold"), run_score, "score a submission against gold prompts"),
     "optimize-prompt": (OptimizeArgs, ("prompts_csv",), run_optimize,
                         "search the mean prompt (or, with --predictions, the suffix) that scores best"),
+    "generate-data": (GenerateArgs, ("texts",), run_generate,
+                      "rewrite texts under rewrite prompts with an instruction model: rows for train"),
     "train": (TrainArgs, ("train_csv",), run_train, "train a soft prompt or LoRA adapter"),
     "bundle": (BundleArgs, (), run_bundle, "build the offline folder a Kaggle notebook installs from"),
 }

@@ -388,6 +388,57 @@ class TrainArgs:
 
 
 @dataclass
+class GenerateArgs:
+    texts: str
+    """Original texts: a CSV with an original_text (or text) column, or a folder of .txt / .md files."""
+    output: str = "generated.csv"
+    """Rows to write in train.csv's format (id, original_text, rewritten_text, rewrite_prompt)."""
+    prompts: str | None = None
+    """CSV of rewrite prompts (a rewrite_prompt or prompt column); default: filled from --prompt-slots."""
+    prompt_slots: str = "auto"
+    """JSON of prompt templates with slots (tones, personas, forms, audiences...); auto: the shipped one."""
+    n_prompts: int = 300
+    """How many distinct prompts to fill from the slots (when no --prompts file is given)."""
+    propose_prompts: int = 0
+    """Also ask the model for this many new rewrite prompts of its own and add them to the pool."""
+    per_text: int = 2
+    """Prompts each text is rewritten under (never the same prompt twice for one text)."""
+    max_input_tokens: int = 1024
+    """Longest prompt + text in tokens; longer texts are skipped (a cut text would not match its rewrite)."""
+    max_new_tokens: int = 512
+    """Most tokens of one rewrite; a rewrite still running at this limit is dropped as truncated."""
+    max_batch_tokens: int = 16384
+    """Most tokens in one batch, counted as rows x (padded prompt + max_new_tokens)."""
+    max_batch_size: int = 32
+    """Most rows in one batch."""
+    temperature: float = 0.7
+    """Sampling temperature of the rewrites (0: greedy)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass of the rewrites."""
+    seed: int = 0
+    """Seed of the prompt pool, the pairing and each row's sampling."""
+    resume: bool = True
+    """Keep the rows (and the dropped ids) of an existing OUTPUT and make only the missing ones."""
+    report: str | None = None
+    """Write the run report as JSON here."""
+    progress: bool = True
+    """Show a progress bar."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    budget: BudgetArgs = field(default_factory=BudgetArgs)
+
+    def __post_init__(self) -> None:
+        for name in ("n_prompts", "per_text", "max_new_tokens", "max_batch_tokens", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.propose_prompts < 0:
+            raise ValueError(f"propose_prompts must be >= 0; got {self.propose_prompts}")
+        if self.max_input_tokens < 16:
+            raise ValueError(f"max_input_tokens must be at least 16; got {self.max_input_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {self.temperature}, {self.top_p}")
+
+
+@dataclass
 class BundleArgs:
     output: str = "bundle"
     """Folder to create: upload it as a Kaggle dataset."""

@@ -317,7 +317,7 @@ def _check_outputs(args: PredictArgs) -> None:
         raise InputError(f"the report and the output are the same file: {args.output}")
 
 
-def _load_before(load, model_args, seconds: float, loading: list):
+def load_before(load, model_args, seconds: float, loading: list):
     """Load the model in a thread; None if it is not done within ``seconds``.
 
     A load cannot be interrupted, but it can be abandoned: the daemon thread dies with the process, and the
@@ -364,7 +364,7 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
         return
     t = clock()
     model_args = dataclasses.replace(args.model, model=group[0].model, adapter=[m.args.adapter for m in group])
-    loaded = _load_before(loader or model_lib.load, model_args, deadline - t, loading)
+    loaded = load_before(loader or model_lib.load, model_args, deadline - t, loading)
     report.load_s += clock() - t
     if loaded is None:
         log.warning("the model did not load before its deadline; its members' rows keep other answers or the "

@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ def write_submission(path: str, ids: Sequence[str], prompts: Sequence[str]) -> N
     """Atomically replace ``path`` with a validated submission; on any failure the old file stays."""
     if len(ids) != len(prompts):
         raise SubmissionError(f"{len(ids)} ids but {len(prompts)} prompts")
+    # Read back what is on disk, not what we meant to write: that is what gets replaced in.
+    write_atomic(path, render(ids, prompts), check=lambda tmp: validate_rows(ids, read_submission(tmp)))
+
+
+def write_atomic(path: str, text: str, check: Callable[[str], None] | None = None) -> None:
+    """Replace ``path`` with ``text`` through a synced temporary file; ``check(tmp)`` may refuse it (raise),
+    and on any failure the old file stays: a run killed mid-write never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if (folder, os.path.basename(path)) not in _swept:
@@ -64,11 +71,11 @@ def write_submission(path: str, ids: Sequence[str], prompts: Sequence[str]) -> N
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            f.write(render(ids, prompts))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        # Read back what is on disk, not what we meant to write: that is what gets replaced in.
-        validate_rows(ids, read_submission(tmp))
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
