@@ -164,6 +164,11 @@ def test_tokenizer_without_pad_gets_one_that_is_not_eos():
     assert tok.pad_token_id != tok.eos_token_id and tok.pad_token == "<unk>"
     tok.unk_token = None
     tok.pad_token = tok.eos_token
+    rows = model.get_input_embeddings().weight.shape[0]
+    ensure_pad_token(tok, model)  # Llama 3's case: BOS pads, the vocabulary stays as it is
+    assert tok.pad_token == "<bos>" and model.get_input_embeddings().weight.shape[0] == rows
+    tok.bos_token = None
+    tok.pad_token = tok.eos_token
     ensure_pad_token(tok, model)
     assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
     assert model.get_input_embeddings().weight.shape[0] >= len(tok)

@@ -189,3 +189,81 @@ def test_target_loss_equals_the_models_own_loss(method):
     got = target_loss(model, inputs, _virtual_tokens(model))
     assert _virtual_tokens(model) == (3 if method == "prompt-tuning" else 0)
     assert torch.allclose(got, expected, atol=1e-5), (float(got), float(expected))
+
+
+def save_llama3_style(folder) -> str:
+    """A tiny Llama whose tokenizer has BOS and EOS but neither pad nor unk (Llama 3's case), "<pad>" nowhere."""
+    from conftest import CORPUS, make_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                            show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    assert tok.pad_token is None and tok.unk_token is None and "<pad>" not in tok.get_vocab()
+    make_model(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_lora_on_a_tokenizer_without_pad_or_unk_loads_wherever_train_ran(tmp_path, monkeypatch, capsys):
+    from safetensors import safe_open
+
+    save_llama3_style(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)  # train and predict run beside the base, which they name "base"
+    assert main(["train", write_train(tmp_path / "train.csv"), "--method", "lora", "-o", "ad", "--model", "base",
+                 "--max-steps", "2", "--batch-size", "2", "--lora-r", "4", "--no-progress"]) == 0
+    with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "embed_tokens" in k or "lm_head" in k]  # noqa: SIM118
+    ids = write_test_csv(tmp_path / "t.csv", n=3)
+    code = main(["predict", "t.csv", "-o", "s.csv", "--model", "base", "--adapter", "ad", "--no-progress",
+                 "--max-new-tokens", "4", "--report", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    assert_valid_submission(tmp_path / "s.csv", ids)
+    assert json.loads((tmp_path / "r.json").read_text())["fallback_reasons"].get("input") is None
+
+
+def test_an_adapter_saved_with_grown_embeddings_still_loads_and_generates(tmp_path, capsys):
+    """What train wrote before BOS padded such tokenizers: a pad row added, embed_tokens and lm_head saved."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = save_llama3_style(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "old"), save_embedding_layers=True)
+    write_test_csv(tmp_path / "t.csv", n=3)
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(tmp_path / "s.csv"), "--model", base, "--adapter",
+                 str(tmp_path / "old"), "--no-progress", "--max-new-tokens", "4", "--report", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["generated"] == 3
+
+
+def test_a_lora_that_does_not_fit_is_refused_with_its_whole_cause_and_a_report(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    train(args_for(tmp_path, tiny_model_dir, "lora"))
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    key = next(k for k in weights if "lora_A" in k)
+    weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])  # a rank that is not the config's
+    save_file(weights, str(path))
+    ids = write_test_csv(tmp_path / "t.csv", n=3)
+    report = tmp_path / "r.json"
+    code = main(["predict", str(tmp_path / "t.csv"), "-o", str(tmp_path / "s.csv"), "--model", tiny_model_dir,
+                 "--adapter", str(tmp_path / "adapter"), "--no-progress", "--report", str(report)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    line = next(x for x in err if "does not fit" in x)
+    assert "size mismatch" in line  # the cause, not only torch's first line
+    assert_valid_submission(tmp_path / "s.csv", ids)
+    rep = json.loads(report.read_text())
+    assert "size mismatch" in rep["error"] and rep["fallback"] == 3 and rep["generated"] == 0

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .config import BundleArgs, EvaluateArgs, GenerateArgs, OptimizeArgs, PredictArgs, ScoreArgs, TrainArgs, field_docs
 from .data import InputError
+from .errors import one_line
 
 # Short spellings promised by the command-line contract.
 SHORT = {"output": "-o"}
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             code = entry(args)
         except (InputError, ValueError) as exc:
             # Bad input is the user's to fix: one line, no traceback.
-            print(f"prompt-recovery {ns.command}: error: {exc}", file=sys.stderr)
+            print(f"prompt-recovery {ns.command}: error: {one_line(exc)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"prompt-recovery {ns.command}: interrupted", file=sys.stderr)

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
+from .errors import InputError  # noqa: F401  (re-exported: every stage imports it from here)
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -23,10 +25,6 @@ TEXT_COLUMNS = ("original_text", "rewritten_text")
 # Read at most this much of one cell: a multi-megabyte text would only be truncated by tokens later,
 # and holding it costs memory for nothing.
 MAX_CELL_CHARS = 200_000
-
-
-class InputError(Exception):
-    """Input that cannot be turned into a submission at all: the CLI prints it in one line, exit 2."""
 
 
 @dataclass(frozen=True)

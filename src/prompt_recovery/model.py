@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 
 from .config import ModelArgs
-from .data import InputError
+from .errors import AdapterMismatch, InputError  # noqa: F401  (AdapterMismatch: model.AdapterMismatch stays importable)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ CONVERT_LOCK = ".owner.lock"
 # A conversion folder without a lock file is stale only when older than this: it may have been created this instant,
 # or be running on a filesystem without flock (a 7B conversion on a slow disk takes many minutes).
 UNLOCKED_GRACE_S = 6 * 3600.0
-
-
-class AdapterMismatch(InputError):
-    """An adapter trained on another base model."""
 
 
 @dataclass
@@ -391,12 +387,16 @@ def ensure_pad_token(tokenizer, model=None) -> None:
     """For training: give a tokenizer without a pad token one that is not EOS.
 
     Padding with EOS would make a training collator mask the real EOS and teach the model never to stop.
-    With neither pad nor unk a new token is added and the embeddings grow by a row (never read: padding is masked).
+    With neither pad nor unk (Llama 3) the BOS token pads: padding is masked, so any id that is not EOS will do,
+    and one already in the vocabulary leaves the embeddings as they are (a new row would be saved with the
+    adapter, and whether peft saves it depends on where train ran). Only without BOS either is a token added.
     """
     if _has_own_pad(tokenizer):
         return
     if _has_unk(tokenizer):
         tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.bos_token is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.bos_token
     else:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
         if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -427,6 +427,7 @@ def trained_vocab_size(vocab_size: int | None, tokenizer) -> int | None:
     """
     if vocab_size is None or _has_own_pad(tokenizer) or _has_unk(tokenizer):
         return vocab_size
+    # Adapters trained before BOS padded such tokenizers recorded the grown size: still this base.
     added = 0 if "<pad>" in tokenizer.get_vocab() else 1
     return max(vocab_size, len(tokenizer) + added)
 

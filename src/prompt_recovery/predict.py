@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from .config import OutputArgs, PredictArgs
 from .data import InputError, read_test
 from .ensemble import MBR, Combiner, Member, groups, resolve_members, share_of
+from .errors import one_line
 from .postprocess import clean, fit_with_suffix, normalise, shipped_text
 from .rows import FALLBACK, MODEL, RULE, Rows
 from .scheduler import Outcome, Scheduler
@@ -203,15 +204,26 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     start = clock()
     _check_outputs(args)
     table = read_test(args.test_csv)
-    fallback = resolve_fallback(args.out)
-    finish = Finisher(args.out)
-    rows = Rows(table.rows, fallback, args.output)
+    rows = Rows(table.rows, resolve_fallback(args.out), args.output)
     n = len(rows)
     report = Report(rows=n, output=args.output, warnings=list(table.warnings))
     report.budget_s = args.budget.seconds(n)
     deadline = start + report.budget_s - args.budget.margin(n)
     rows.write()  # a valid file exists before anything heavy can fail: from here on the output always scores
 
+    try:
+        todo = _answer(args, rows, report, deadline, clock, loader)
+    except InputError as exc:
+        # The all-fallback file is on disk and scores: the report says why nothing better came (exit 2 follows).
+        report.error = f"{type(exc).__name__}: {one_line(exc)}"
+        _finish_report(args, report, rows, [], clock() - start)
+        raise
+    _finish_report(args, report, rows, todo, clock() - start)
+    return report
+
+
+def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, clock, loader) -> list[int]:
+    """Rules, resumed answers, then every member group in turn; returns the rows sent to the models."""
     members, method = resolve_members(args)
     report.combine = method
     if method == "first" and any(m.args.samples > 1 for m in members):
@@ -219,9 +231,12 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
                                "--combine mbr or concat uses them all")
         log.warning(report.warnings[-1])
     reports = {m.name: MemberReport(m.name, m.key, m.model, m.args.adapter, _adapter_kind(m)) for m in members}
+    report.members = [asdict(r) for r in reports.values()]
     one_answer = len(members) == 1 and members[0].args.samples == 1
+    fallback, n = rows.fallback, len(rows)
     combine = make_combiner("first" if one_answer else method, fallback, args.out)  # one answer: nothing to pick
     names = [m.name for m in members]
+    finish = Finisher(args.out)
 
     def recombine(indices) -> None:
         rows.recombine(indices, names, combine.many, finish)
@@ -255,14 +270,18 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
                 _group_failed(report, rows, todo, group, exc, "error")
             finally:
                 _release_memory()
+                report.members = [asdict(r) for r in reports.values()]
         rows.write()
+    return todo
 
-    report.members = [asdict(r) for r in reports.values()]
+
+def _finish_report(args: PredictArgs, report: Report, rows: Rows, todo: list[int], elapsed: float) -> None:
+    """The run's totals into the report, written to --report when given (on every exit that leaves a file)."""
     report.generated = rows.count(MODEL, fresh=True)
     report.resumed = rows.count(MODEL, fresh=False)  # answered entirely from an earlier run's candidates
     report.fallback = rows.count(FALLBACK)
     report.fallback_reasons = rows.reasons()
-    report.elapsed_s = clock() - start
+    report.elapsed_s = elapsed
     report.deadline_used = report.elapsed_s / report.budget_s if report.budget_s else 0.0
     if report.generate_s > 0:
         report.tokens_per_s = report.new_tokens / report.generate_s
@@ -272,12 +291,11 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # as the output's folder is
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(asdict(report), f, indent=2)
-    return report
 
 
 def _group_failed(report: Report, rows: Rows, todo: list[int], group: list[Member], exc: Exception,
                   kind: str) -> None:
-    what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    what = f"{type(exc).__name__}: {one_line(exc)}"
     log.warning("member(s) %s failed (%s); their rows keep other members' answers or the fallback",
                 ", ".join(m.name for m in group), what)
     report.error = what

@@ -311,7 +311,8 @@ def _save_adapter(prep: Prepared, out: Path) -> None:
         cfg.prompt_tuning_init = "RANDOM"
         cfg.tokenizer_name_or_path = None
     cfg.base_model_name_or_path = prep.base["name"]  # a machine-local cache path means nothing elsewhere
-    peft_model.save_pretrained(str(out))
+    # The embeddings are never trained: saving them would only make the adapter as big as the base's vocabulary.
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
     # peft's generated model card is boilerplate that records this machine's cache path: not worth shipping.
     (out / "README.md").unlink(missing_ok=True)
     prep.builder.template.save(str(out))

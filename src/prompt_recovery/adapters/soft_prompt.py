@@ -11,7 +11,7 @@ import torch
 from peft.utils import load_peft_weights
 
 from ..data import InputError
-from ..model import AdapterMismatch
+from ..errors import AdapterMismatch
 
 
 def load(model, folder: str) -> torch.Tensor:
