@@ -97,11 +97,23 @@ def test_out_of_memory_on_the_longest_batches_splits_them_and_loses_no_row(sim, 
     assert result["end_s"] <= result["limit_s"]
 
 
+def replica_deadline(sim, sc) -> float:
+    """Where each replica's predict stops: the notebook's limit less what passed before it, less the margin."""
+    from prompt_recovery.config import BudgetArgs
+
+    start = sc.costs.install_s + sc.costs.notebook_imports_s
+    left = sc.notebook_limit_s - start  # a replica's budget is all of it (multigpu.shard_budget)
+    return start + left - BudgetArgs(budget_per_row=left, time_limit=left).margin(1)
+
+
 def test_a_model_too_slow_to_finish_falls_back_on_its_tail_and_ends_in_time(sim, tmp_path):
-    sc = small(sim, "slow", costs=sim.Costs(slowdown=40.0), notebook_limit_s=900.0, limit_s=1000.0)
+    sc = sim.Scenario("slow", "slow", rows=200, seed=3, costs=sim.Costs(slowdown=10.0), notebook_limit_s=900.0,
+                      limit_s=1000.0)
     result = sim.run(sc, tmp_path)
-    assert 0 < result["generated"] < ROWS and result["fallback_reasons"] == {"deadline": result["fallback"]}
-    assert all(rep["end_s"] <= sc.notebook_limit_s for rep in result["replicas"])
+    assert 0 < result["generated"] < 200 and result["fallback_reasons"] == {"deadline": result["fallback"]}
+    # Each replica works up to its deadline and stops there (one decoding step past it at most).
+    deadline = replica_deadline(sim, sc)
+    assert all(deadline - 60 <= rep["end_s"] <= deadline + 2 for rep in result["replicas"])
     assert result["end_s"] <= result["limit_s"]
     # Rows are served shortest first: what falls back is each replica's longest prompts.
     lengths, prompts = prompt_lengths(sim, tmp_path), prompts_of(tmp_path)
@@ -137,13 +149,14 @@ def test_two_members_load_one_after_the_other_within_their_shares(sim, tmp_path)
 
 def test_a_long_load_counts_inside_the_limit(sim, tmp_path):
     # A 10-minute load in a 15-minute notebook: five minutes less install and imports are left to generate.
-    sc = small(sim, "slow_load", costs=sim.Costs(load_s=600.0, slowdown=20.0), notebook_limit_s=900.0,
-               limit_s=1000.0)
+    sc = sim.Scenario("slow_load", "slow_load", rows=200, seed=3, costs=sim.Costs(load_s=600.0, slowdown=5.0),
+                      notebook_limit_s=900.0, limit_s=1000.0)
     result = sim.run(sc, tmp_path)
-    assert result["filled"] == ROWS and 0 < result["generated"] < ROWS
+    assert result["filled"] == 200 and 0 < result["generated"] < 200
     first_batch = min(t for points in result["timeline"].values() for t, _ in points)
     assert first_batch >= sc.costs.install_s + sc.costs.notebook_imports_s + 600.0
-    assert all(rep["end_s"] <= sc.notebook_limit_s for rep in result["replicas"])
+    deadline = replica_deadline(sim, sc)
+    assert all(deadline - 60 <= rep["end_s"] <= deadline + 2 for rep in result["replicas"])
 
 
 def test_one_gpu_runs_predict_in_process(sim, tmp_path):
