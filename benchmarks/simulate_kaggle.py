@@ -13,6 +13,11 @@ The notebook's limit counts from the notebook's start: its install and imports (
 start-up and model load are on the clock. Tokens are words (one token a word, a word-level tokenizer built in
 process), so prompt lengths are exact.
 
+Not simulated: host-side work (tokenizing, file writes, the merge) costs no simulated time (milliseconds a
+batch here); a model load longer than the time left is charged in full, where predict would abandon it at its
+deadline (``_load_before`` waits in real seconds, which a fake clock cannot drive), so keep loads inside the
+budget; a replica that hangs rather than dies is not simulated (its stop waits in real seconds too).
+
     python benchmarks/simulate_kaggle.py --json sim.json --plot sim.png          # every scenario
     python benchmarks/simulate_kaggle.py --normal --dead --die-at 1800 --rows 400
 """
@@ -467,7 +472,8 @@ def run(sc: Scenario, work: Path) -> dict:
     elif mode == "single":
         report = predict(args, clock=clock, loader=loader)
         replicas = [{"replica": 0, "rows": report.rows, "generated": report.generated, "end_s": clock(),
-                     "exit_code": 0, "load_s": report.load_s, "batches": len(report.batches),
+                     "exit_code": 0, "load_s": report.load_s, "generate_s": report.generate_s,
+                     "start_s": started, "batches": len(report.batches),
                      "oom_splits": report.oom_splits, "fallback_reasons": report.fallback_reasons}]
     else:
         raise SystemExit(f"{sc.name}: the model does not fit one {sc.card.name}; spread mode is not simulated")
@@ -487,6 +493,7 @@ def _replicas(work: Path, summary: dict, output: str) -> list[dict]:
         if code == 0 and report_file.exists():
             r = json.loads(report_file.read_text())
             rep.update(generated=r["generated"], end_s=start + r["elapsed_s"], load_s=r["load_s"],
+                       generate_s=r["generate_s"],
                        batches=len(r["batches"]), oom_splits=r["oom_splits"], fallback_reasons=r["fallback_reasons"])
         else:  # died: no report; what it wrote before is in its shard file
             died = [e["t"] for e in events if e["event"] == "died"]
@@ -593,8 +600,10 @@ def plot(results: list[dict], path: str) -> None:
     for ax, r in zip(axes.flat, results):
         for rep in r["replicas"]:
             pts = [(0.0, 0)] + [tuple(p) for p in r["timeline"][rep["replica"]]]
-            ax.step([t / HOUR for t, _ in pts], [n for _, n in pts], where="post",
-                    label=f"replica {rep['replica']}" + (" (died)" if rep.get("died_at") is not None else ""))
+            line, = ax.step([t / HOUR for t, _ in pts], [n for _, n in pts], where="post",
+                            label=f"replica {rep['replica']}" + (" (died)" if rep.get("died_at") is not None else ""))
+            if rep.get("died_at") is not None:
+                ax.plot([rep["died_at"] / HOUR], [pts[-1][1]], "x", color=line.get_color(), markersize=9)
         ax.axvline(r["end_s"] / HOUR, color="grey", linestyle=":", label="run ends")
         if r["end_s"] > 0.5 * r["limit_s"]:
             ax.axvline(r["limit_s"] / HOUR, color="red", linestyle="--", label="9 h limit")
