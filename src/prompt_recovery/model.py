@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 
@@ -64,6 +65,9 @@ class Loaded:
     """Per requested adapter: the name the engine serves it under, or None for the bare base."""
     kinds: dict = field(default_factory=dict)
     """Served name -> peft type."""
+    engine: Callable | None = None
+    """Builds the engine serving this model, called as ``engine.Engine`` is; None: ``engine.Engine`` (a seam: the
+    Kaggle simulator's loader hands back a model with a simulated engine of its own)."""
 
 
 def _offline() -> None:

@@ -69,26 +69,29 @@ def shard_budget(budget: BudgetArgs, end_wall: float, rows: int, now: float) -> 
 
 
 def _shard_worker(args: PredictArgs, device: str | None, index: int, end_wall: float, rows: int,
-                  budget_file: str, loader=None) -> None:
+                  budget_file: str, loader=None, clock=None) -> None:
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device  # before torch starts in this process
     os.environ[REPLICA_ENV] = str(index)
     from .predict import predict
 
     # Taken after this process's start-up, which is part of the run's time like everything else.
-    budget = shard_budget(args.budget, end_wall, rows, time.time())
+    budget = shard_budget(args.budget, end_wall, rows, (clock or time.time)())
     with open(budget_file, "w", encoding="utf-8") as f:
         json.dump({"end_wall": end_wall, "time_limit": budget.time_limit, "budget_per_row": budget.budget_per_row}, f)
-    report = predict(dataclasses.replace(args, budget=budget), loader=loader)
+    report = predict(dataclasses.replace(args, budget=budget), loader=loader, clock=clock or time.monotonic)
     print(f"[replica {index}] " + report.summary().replace("\n", "\n  "), flush=True)
 
 
-def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str, loader=None) -> dict:
+def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str, loader=None, clock=None) -> dict:
     """Run one predict per device on interleaved shards; merge into ``args.output``. Returns a summary.
 
-    ``loader`` (picklable, ModelArgs -> Loaded) replaces ``model.load`` in every replica.
+    ``loader`` (picklable, ModelArgs -> Loaded) replaces ``model.load`` in every replica. ``clock`` (picklable,
+    () -> seconds; default ``time.time``) is the run's wall clock here and, as a copy made at its start, in each
+    replica: the Kaggle simulator's fake clock, so each replica's simulated time runs on its own, as on its GPU.
     """
-    start_wall = time.time()
+    now = clock or time.time
+    start_wall = now()
     rows = read_test(args.test_csv).rows
     ids = [r.id for r in rows]
     # One absolute end for every replica: the whole run's budget, as one process would have had it.
@@ -115,14 +118,14 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str,
             shard_out.unlink()
         budget_file.unlink(missing_ok=True)  # an earlier run's would pass for this one's
         proc = ctx.Process(target=_shard_worker,
-                           args=(shard_args, device, k, end_wall, len(positions), str(budget_file), loader))
+                           args=(shard_args, device, k, end_wall, len(positions), str(budget_file), loader, clock))
         proc.start()
         procs.append(proc)
         shards.append((positions, shard_out, budget_file))
     for proc in procs:
         # Each replica stops itself before the end (its own deadline and margin); one that hangs (a CUDA call
         # that never returns) must not hold the notebook past its limit, where Kaggle would score nothing.
-        proc.join(max(0.0, end_wall + REPLICA_GRACE_S - time.time()))
+        proc.join(max(0.0, end_wall + REPLICA_GRACE_S - now()))
         if proc.is_alive():
             log.warning("replica %s is still running at the run's end; it is stopped, its rows keep what it wrote",
                         proc.name)

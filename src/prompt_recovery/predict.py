@@ -413,8 +413,10 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
         requests[i, rank, s] = Request(prompt_ids[i, template_of[rank]], adapter=adapter[rank],
                                        temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
                                        seed=_seed(m.args.seed, rank, i, s))
-    engine = Engine(loaded.model, tok.pad_token_id, eos_token_ids(tok, loaded.model), args.generation.max_new_tokens,
-                    stop_ids=newline_token_ids(tok), served=loaded.served, clock=clock)
+    make_engine = loaded.engine or Engine
+    engine = make_engine(loaded.model, tok.pad_token_id, eos_token_ids(tok, loaded.model),
+                         args.generation.max_new_tokens, stop_ids=newline_token_ids(tok), served=loaded.served,
+                         clock=clock)
 
     def on_batch(done: dict[tuple, Outcome]) -> None:
         entries = []
