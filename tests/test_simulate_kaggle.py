@@ -107,7 +107,7 @@ def replica_deadline(sim, sc) -> float:
 
 
 def test_a_model_too_slow_to_finish_falls_back_on_its_tail_and_ends_in_time(sim, tmp_path):
-    sc = sim.Scenario("slow", "slow", rows=200, seed=3, costs=sim.Costs(slowdown=10.0), notebook_limit_s=900.0,
+    sc = sim.Scenario("slow", "slow", rows=200, seed=3, costs=sim.Costs(slowdown=20.0), notebook_limit_s=900.0,
                       limit_s=1000.0)
     result = sim.run(sc, tmp_path)
     assert 0 < result["generated"] < 200 and result["fallback_reasons"] == {"deadline": result["fallback"]}
@@ -176,3 +176,12 @@ def test_the_command_writes_its_table_json_and_picture(sim, tmp_path, capsys):
     assert results[1]["replicas"][1]["died_at"] == pytest.approx(200.0)
     assert png.stat().st_size > 10_000
     assert "| normal: " in capsys.readouterr().out
+
+
+def test_a_small_slow_shard_uses_its_time_after_the_calibration_row(sim, tmp_path):
+    # The case the simulator found: 20 rows a replica, a model 40x slower, a 15-minute notebook. Pricing every
+    # row of the next batch at its widest prompt made no row "fit" after the one-row calibration (2 of 40).
+    sc = sim.Scenario("small", "small slow shard", rows=40, seed=0, costs=sim.Costs(slowdown=40.0),
+                      notebook_limit_s=900.0, limit_s=1000.0)
+    result = sim.run(sc, tmp_path)
+    assert result["filled"] == 40 and result["generated"] >= 20

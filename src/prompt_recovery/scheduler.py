@@ -182,10 +182,15 @@ class Scheduler:
             # Nothing measured yet: a first batch of one row (the shortest) measures the rates, so an
             # uninterruptible prefill of a full batch can never be what overruns a tight deadline.
             return batch[: self.calibration_rows]
-        width = max(lengths[k] for k in batch)
-        per_row = self.cost.total(1, width)
-        fit = int(left // per_row) if per_row > 0 else len(batch)
-        return batch[: max(0, min(fit, len(batch)))]
+        # Each prefix priced at its own padded width: charging every row at the batch's widest prompt (scaled
+        # quadratically from a one-row calibration) made whole queues of short rows "not fit" and fall back.
+        fit, width = 0, 0
+        for k, key in enumerate(batch, start=1):
+            width = max(width, lengths[key])
+            if self.cost.total(k, width) > left:
+                break
+            fit = k
+        return batch[:fit]
 
     def run(self, requests: Mapping[Hashable, object], tiers: Mapping[Hashable, object] | None = None
             ) -> dict[Hashable, Outcome]:
