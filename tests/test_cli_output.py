@@ -76,3 +76,17 @@ def test_a_real_run_with_a_soft_prompt_keeps_peft_and_transformers_off_the_termi
     assert "bitsandbytes" in log  # its import-time warning went to the log, not the terminal
     # The engine serves soft prompts itself: peft's forward, and its position-ids warning, never run.
     assert "Position ids are not supported" not in log
+
+
+def test_top_level_help_says_what_the_tool_does_and_lists_every_command_in_order(capsys):
+    import pytest as _pytest
+
+    from prompt_recovery.cli import COMMANDS, DESCRIPTION
+
+    with _pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "rewrite prompt" in out and "submission.csv" in out
+    listed = [line.split()[0] for line in DESCRIPTION.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(COMMANDS)
+    assert listed.index("generate-data") < listed.index("train") < listed.index("predict")

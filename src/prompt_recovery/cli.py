@@ -259,6 +259,18 @@ def run_bundle(args: BundleArgs) -> int:
     return 0
 
 
+DESCRIPTION = """Recover the rewrite prompt an LLM was given, from each row's original and rewritten text
+(Kaggle's LLM Prompt Recovery), and write submission.csv (id, rewrite_prompt) with no row ever blank.
+
+A competitor's order:
+  generate-data    make training rows: rewrite texts under prompts with an instruction model
+  train            train a LoRA or soft prompt on labelled rows
+  optimize-prompt  search the fallback (mean) prompt on gold prompts
+  evaluate         predict and score labelled rows: each member and combination, table and chart
+  predict          write the submission for the test table, under a time budget
+  score            score a submission against gold prompts
+  bundle           build the offline folder the Kaggle notebook installs from"""
+
 # name: (argument dataclass, positional fields, entry function, help)
 COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
     "predict": (PredictArgs, ("test_csv",), run_predict, "write a submission for a test CSV"),
@@ -275,7 +287,8 @@ COMMANDS: dict[str, tuple[type, tuple[str, ...], Callable[..., int], str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prompt-recovery", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="prompt-recovery", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, positional, _, help_text) in COMMANDS.items():
