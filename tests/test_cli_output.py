@@ -71,9 +71,13 @@ def test_a_real_run_with_a_soft_prompt_keeps_peft_and_transformers_off_the_termi
     assert proc.returncode == 0, proc.stderr
     assert_valid_submission(out, ids)
     assert not [line for line in proc.stderr.splitlines() if any(k in line for k in LIBRARY_LINES)], proc.stderr
-    assert proc.stderr.rstrip().endswith(f"library warnings and details: {out}.log")
-    log = (tmp_path / "s.csv.log").read_text()
-    assert "bitsandbytes" in log  # its import-time warning went to the log, not the terminal
+    # Whether the libraries say anything at all depends on the machine (bitsandbytes warns at import on some);
+    # what they say goes to the log, which the last line names.
+    log_file = tmp_path / "s.csv.log"
+    log = log_file.read_text() if log_file.exists() else ""
+    # (the log also holds our own warnings, which the terminal showed: those alone do not name it)
+    if any(w in line and " prompt_recovery" not in line for line in log.splitlines() for w in ("WARNING", "ERROR")):
+        assert proc.stderr.rstrip().endswith(f"library warnings and details: {out}.log")
     # The engine serves soft prompts itself: peft's forward, and its position-ids warning, never run.
     assert "Position ids are not supported" not in log
 

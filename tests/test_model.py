@@ -140,6 +140,74 @@ def test_lora_is_merged_on_unquantized_base(tiny_model_dir, tmp_path):
     assert hasattr(kept.model, "peft_config")
 
 
+@pytest.mark.parametrize("variant", ["plain", "rslora", "float16"])
+def test_lora_merged_by_hand_equals_peft_merge_and_unload(variant, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prompt_recovery.adapters import lora
+
+    dtype = torch.float16 if variant == "float16" else torch.float32
+    torch.manual_seed(3)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False, use_rslora=variant == "rslora")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype), config).save_pretrained(
+        tmp_path / "a")
+    folder = str(tmp_path / "a")
+    assert lora.plain_lora(folder)
+    by_hand = lora.merge_plain(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype), folder)
+    from peft import PeftModel
+
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype),
+                                        folder).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).state_dict()
+    want, got = by_peft.state_dict(), by_hand.state_dict()
+    assert want.keys() == got.keys()
+    changed = [k for k in want if not torch.equal(want[k], base[k])]
+    assert len(changed) == 3 * 2  # q, v, o in each of the tiny model's two layers
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_lora_peft_alone_can_merge_goes_through_peft(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prompt_recovery.adapters import lora
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"], use_dora=True,
+                              init_lora_weights=False)).save_pretrained(tmp_path / "dora")
+    assert not lora.plain_lora(str(tmp_path / "dora"))
+    merged = model_lib.load(ModelArgs(model=tiny_model_dir, adapter=str(tmp_path / "dora")))
+    assert not hasattr(merged.model, "peft_config")  # merged all the same, by peft
+
+
+def test_lora_with_a_mismatched_layer_is_refused_and_leaves_the_base_untouched(tiny_model_dir, tiny_model_dir_32,
+                                                                               tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prompt_recovery.adapters import lora
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir_32),
+                   LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"],
+                              init_lora_weights=False)).save_pretrained(tmp_path / "wide")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(AdapterMismatch, match="size mismatch for model.layers.0.self_attn.q_proj"):
+        lora.load(base, {"wide": str(tmp_path / "wide")}, merge=True)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_loading_a_lone_lora_or_soft_prompt_never_imports_peft(tiny_model_dir, tmp_path):
+    make_adapter(tiny_model_dir, "lora", tmp_path / "lora")
+    make_adapter(tiny_model_dir, "prompt_tuning", tmp_path / "soft")
+    code = ("import sys; from prompt_recovery import model; from prompt_recovery.config import ModelArgs; "
+            f"model.load(ModelArgs(model={tiny_model_dir!r}, adapter=[{str(tmp_path / 'lora')!r}])); "
+            f"model.load(ModelArgs(model={tiny_model_dir!r}, adapter=[{str(tmp_path / 'soft')!r}])); "
+            "print('peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
 def test_4bit_loading_through_bitsandbytes_on_cpu(tmp_path):
     # bitsandbytes quantizes Linear layers in blocks of 64: use a model wide enough for that.
     from conftest import save_tiny

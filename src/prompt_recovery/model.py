@@ -339,15 +339,22 @@ def bnb_config(quantize: str, dtype):
 
 
 def load_base(args: ModelArgs):
-    """Load (model, tokenizer, identity, info) for inference, offline, without remote code."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load (model, tokenizer, identity, info) for inference, offline, without remote code.
 
+    ``info["startup"]`` says where the seconds went: imports, conversion (a cold GGUF), tokenizer, weights.
+    """
+    t = time.perf_counter()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    startup = {"since_process_start_s": since_process_start(), "imports_s": time.perf_counter() - t}
     _offline()
+    t = time.perf_counter()
     folder, name = resolve(args)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
         raise InputError(f"cannot read model config in {folder}: {exc}") from None
+    startup["resolve_s"] = time.perf_counter() - t  # finding the folder: a cold GGUF's conversion lands here
     device = _pick_device(args)
     capability = cuda_capability() if device == "cuda" else None
     dtype, reason = choose_dtype(args.dtype, device, capability)
@@ -361,9 +368,13 @@ def load_base(args: ModelArgs):
         kwargs["quantization_config"] = bnb_config(args.quantize, dtype)
     # device_map="auto" spreads a model too big for one GPU over all visible ones.
     kwargs["device_map"] = "auto" if device == "cuda" else {"": "cpu"}
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    t = time.perf_counter()
+    tokenizer = load_tokenizer(folder)
+    startup["tokenizer_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.eval()
+    startup["weights_s"] = time.perf_counter() - t
     ident = identity(config, name)
     ident["train_vocab_size"] = trained_vocab_size(ident["vocab_size"], tokenizer)
     set_inference_pad(tokenizer, model)
@@ -371,8 +382,46 @@ def load_base(args: ModelArgs):
     info = {"model_path": folder, "device": device, "dtype": _name(dtype), "dtype_reason": reason,
             "capability": _cap(capability) if device == "cuda" else None,
             "capability_forced": bool(os.environ.get(CAPABILITY_ENV)) if device == "cuda" else False,
-            "quantize": args.quantize, "attention": getattr(model.config, "_attn_implementation", None)}
+            "quantize": args.quantize, "attention": getattr(model.config, "_attn_implementation", None),
+            "startup": startup}
     return model, tokenizer, ident, info
+
+
+# tokenizer_config.json keys that the fast path passes on; a conversion of ours writes nothing else that matters.
+TOKENIZER_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token",
+                  "additional_special_tokens", "extra_special_tokens", "model_max_length", "padding_side",
+                  "truncation_side", "chat_template", "clean_up_tokenization_spaces")
+
+
+def load_tokenizer(folder: str):
+    """The folder's tokenizer; for a GGUF conversion of ours, read straight from its tokenizer.json.
+
+    AutoTokenizer builds Gemma's tokenizer class, which parses the 33 MB tokenizer.json in Python several times
+    and rebuilds the backend from it (3.1 s warm on one CPU core); the file already holds the whole pipeline, so
+    the backend read from it is the same tokenizer (ids, decoding, specials: tests/test_real_model.py) in 1.1 s.
+    Other folders keep AutoTokenizer: their class may add behaviour the file lacks.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path, config = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")
+    if not all(os.path.isfile(p) for p in (path, config, os.path.join(folder, IDENTITY_FILE))):
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with open(config, encoding="utf-8") as f:
+        settings = json.load(f)
+    kwargs = {k: settings[k] for k in TOKENIZER_KEYS if k in settings}
+    return PreTrainedTokenizerFast(tokenizer_file=path, **kwargs)
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (interpreter and imports before the load), where /proc tells it."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux: the breakdown starts at the load
+        return None
 
 
 def _name(dtype) -> str:
@@ -495,8 +544,6 @@ def resolve_adapter(entry: str | None, model_name: str, embedded: bool) -> str |
 
 def load(args: ModelArgs) -> Loaded:
     """The base model once, with every adapter of ``args.adapter`` served beside it (see ``adapters``)."""
-    from .adapters import attach
-
     model, tokenizer, ident, info = load_base(args)
     paths = [resolve_adapter(a, ident["name"], args.model is None) for a in args.adapter]
     folders: dict[str, str] = {}
@@ -513,9 +560,13 @@ def load(args: ModelArgs) -> Loaded:
                 name, k = f"{base}#{k}", k + 1
             folders[name] = path
         names.append(name)
+    t = time.perf_counter()
+    from .adapters import attach  # here, not at the top: peft's import is part of the adapters' seconds
+
     configs = {name: check_adapter(path, ident) for name, path in folders.items()}
     attached = attach(model, folders, configs, quantized=args.quantize != "none", merge_lora=args.merge_lora,
                       base_needed=None in names)
+    info["startup"]["adapters_s"] = time.perf_counter() - t  # peft's import and a LoRA's merge land here
     first = names[0] if names else None
     info.update({"adapter": paths[0] if paths else None,
                  "adapters": {n: {"path": p, "type": attached.kinds[n]} for n, p in folders.items()},

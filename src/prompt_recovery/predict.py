@@ -86,6 +86,8 @@ class Report:
     combine: str = "first"
     members: list = field(default_factory=list)
     model: dict = field(default_factory=dict)
+    startup: dict = field(default_factory=dict)
+    """Where the first model load's seconds went (model.load_base: imports, resolve, tokenizer, weights, adapters)."""
     template: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     error: str | None = None
@@ -97,6 +99,12 @@ class Report:
 
         return pd.read_csv(self.output, dtype=str, keep_default_na=False)
 
+    def startup_line(self) -> str:
+        parts = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in self.startup.items()
+                          if k != "since_process_start_s" and v is not None)
+        before = self.startup.get("since_process_start_s")
+        return f"load steps: {parts}" + (f"; the process had run {before:.1f}s before the load" if before else "")
+
     def summary(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallback_reasons.items())) or "none"
         lines = [
@@ -105,6 +113,7 @@ class Report:
             (f"time {self.elapsed_s:.1f}s of {self.budget_s:.0f}s budget ({100 * self.deadline_used:.0f}%); "
              f"load {self.load_s:.1f}s, generate {self.generate_s:.1f}s in {len(self.batches)} batches, "
              f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} new tokens/s"),
+            *([self.startup_line()] if self.startup else []),
             f"peak memory: {self.peak_rss_mb:.0f} MB RSS"
             + (f", {self.peak_cuda_mb:.0f} MB CUDA" if self.peak_cuda_mb is not None else ""),
         ]
@@ -389,7 +398,9 @@ def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[
                     "fallback prompt")
         _miss(keys, rows, reports, by_rank, "deadline")
         return
-    report.model = {**loaded.identity, **loaded.info}
+    report.model = {k: v for k, v in {**loaded.identity, **loaded.info}.items() if k != "startup"}
+    if not report.startup:
+        report.startup = dict(loaded.info.get("startup") or {})
     tok = loaded.tokenizer
     adapter = {m.rank: loaded.adapter_names[j] for j, m in enumerate(group)}
     prefix: dict[int, str] = {}

@@ -1,21 +1,39 @@
 """LoRA: adapters loaded once each, under their names, into one PeftModel, left unmerged for per-row routing.
 
 peft's mixed-batch inference (``adapter_names=``) runs each row through its own adapter, on bitsandbytes
-4-bit bases too; the engine passes ``__base__`` for rows that take none.
+4-bit bases too; the engine passes ``__base__`` for rows that take none. A lone plain LoRA that is to be
+merged is merged here by hand, without peft (see ``merge_plain``).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping
-
-from peft import PeftModel
 
 from ..engine import out_of_memory
 from ..errors import AdapterMismatch, one_line
 
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft saves each key under its wrapper's path to the base model
+
 
 def load(model, folders: Mapping[str, str], merge: bool):
     """(model, merged): a PeftModel holding every adapter, or the base with the single adapter merged in."""
+    if merge and len(folders) == 1:
+        folder = next(iter(folders.values()))
+        if plain_lora(folder):
+            try:
+                merged = merge_plain(model, folder)
+                if merged is not None:
+                    return merged, True
+            except (RuntimeError, ValueError, KeyError) as exc:
+                if out_of_memory(exc):
+                    raise
+                raise AdapterMismatch(f"LoRA adapter {folder} does not fit the model: {one_line(exc)}") from None
+    from peft import PeftModel  # here: its import alone is about 2 s (it pulls in bitsandbytes)
+
     peft_model = None
     for name, folder in folders.items():
         _grow_to_saved_vocabulary(model, folder)
@@ -34,17 +52,79 @@ def load(model, folders: Mapping[str, str], merge: bool):
     return peft_model, False
 
 
+def plain_lora(folder: str) -> bool:
+    """True for a LoRA that is only A and B on linear layers, one rank and alpha, no DoRA, bias or saved modules:
+    what ``merge_plain`` merges exactly as peft's ``merge_and_unload`` would. Anything else goes through peft."""
+    path = os.path.join(folder, WEIGHTS)
+    try:
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    simple = (cfg.get("peft_type") == "LORA" and os.path.isfile(path) and not cfg.get("use_dora")
+              and cfg.get("bias", "none") == "none" and not cfg.get("lora_bias") and not cfg.get("fan_in_fan_out")
+              and not cfg.get("modules_to_save") and not cfg.get("alpha_pattern") and not cfg.get("rank_pattern")
+              and not cfg.get("trainable_token_indices") and not cfg.get("target_parameters")
+              and not cfg.get("layer_replication") and not cfg.get("use_qalora") and not cfg.get("use_bdlora")
+              and isinstance(cfg.get("r"), int) and cfg["r"] > 0 and "lora_alpha" in cfg)
+    if not simple:
+        return False
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+    return bool(keys) and all(k.startswith(PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+
+
+def merge_plain(model, folder: str):
+    """The base with W += scale * B @ A for every adapted linear layer, computed as peft computes it; None (the
+    base untouched) when a saved name is no module of this model, for peft's own key mapping to resolve.
+
+    By hand because peft's import (about 2 s, most of a warm start's adapter time) buys nothing here: a merged
+    plain LoRA is this one product per layer.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    weights = load_file(os.path.join(folder, WEIGHTS), device="cpu")
+    modules = dict(model.named_modules())
+    names = sorted({k[len(PREFIX):-len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")})
+    if not names or len(names) * 2 != len(weights):
+        raise ValueError(f"{WEIGHTS} does not pair every lora_A with a lora_B")
+    deltas = {}
+    for name in names:
+        layer = modules.get(name)
+        if not isinstance(layer, torch.nn.Linear):
+            return None
+        a, b = weights[f"{PREFIX}{name}.lora_A.weight"], weights[f"{PREFIX}{name}.lora_B.weight"]
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]:
+            raise ValueError(f"size mismatch for {name}: A {list(a.shape)}, B {list(b.shape)}, "
+                             f"layer {[layer.out_features, layer.in_features]}")
+        # peft holds 16-bit factors in float32 (autocast_adapter_dtype) and adds the float32 product in place,
+        # rounding once to the weight's dtype: the same here, so the merged weights are peft's bit for bit.
+        compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        dev = layer.weight.device  # the product where peft would take it: on the layer's device
+        deltas[name] = (b.to(dev, compute) @ a.to(dev, compute)) * scale
+    with torch.no_grad():  # every check passed first: a refused adapter leaves the base untouched
+        for name, delta in deltas.items():
+            modules[name].weight.data += delta
+    model.eval()
+    return model
+
+
 def _grow_to_saved_vocabulary(model, folder: str) -> None:
     """Give the base the embedding rows an adapter saved beyond its vocabulary (train once added a pad token to
     tokenizers with neither pad nor unk, and peft saved the grown embed_tokens / lm_head with the adapter).
 
     Those rows only ever held padding, which is masked: the adapter loads and generates as it was trained.
     """
-    import os
-
     from safetensors import safe_open
 
-    path = os.path.join(folder, "adapter_model.safetensors")
+    path = os.path.join(folder, WEIGHTS)
     if not os.path.isfile(path):
         return
     with safe_open(path, framework="pt") as f:

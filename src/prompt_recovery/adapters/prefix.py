@@ -9,13 +9,14 @@ exceed the window: the padding sits between prefix and text there, which trainin
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
 
 from ..data import InputError
 
 
 def load(model, folder: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(keys, values)] per layer, each [1, kv heads, virtual tokens, head dim]."""
+    from peft import PeftModel  # here, not at the top: its import is about 2 s that other methods skip
+
     # Prefix tuning adds no modules to the base model: the wrapper is dropped once the prefix is read.
     return from_peft(PeftModel.from_pretrained(model, folder, is_trainable=False), folder)
 

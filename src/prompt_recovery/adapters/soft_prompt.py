@@ -7,8 +7,9 @@ mask instead, which is what training saw (``[soft][text]`` from position 0).
 
 from __future__ import annotations
 
+import os
+
 import torch
-from peft.utils import load_peft_weights
 
 from ..data import InputError
 from ..errors import AdapterMismatch
@@ -16,7 +17,15 @@ from ..errors import AdapterMismatch
 
 def load(model, folder: str) -> torch.Tensor:
     """[virtual tokens, hidden] on the embedding's device and dtype, exactly as trained (never rescaled)."""
-    weights = load_peft_weights(folder, device="cpu")
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if os.path.isfile(path):  # read directly: peft's import alone is about 2 s of a warm start
+        from safetensors.torch import load_file
+
+        weights = load_file(path, device="cpu")
+    else:  # peft's older .bin layout
+        from peft.utils import load_peft_weights
+
+        weights = load_peft_weights(folder, device="cpu")
     vectors = weights.get("prompt_embeddings")
     embedding = model.get_input_embeddings().weight
     if vectors is None or vectors.dim() != 2:
