@@ -273,7 +273,7 @@ def _token_prompts(o: dict, tok) -> list[list[int]]:
 def _measure(o: dict, loaded, prompts, adapter: str | None, prefill_only: bool = False) -> dict:
     """Batched scheduler on every row, one row at a time on an evenly spread subset; rows/s, ratio, peak memory."""
     from prompt_recovery.engine import Engine, Request
-    from prompt_recovery.scheduler import Scheduler
+    from prompt_recovery.scheduler import Limits, Scheduler
 
     tok = loaded.tokenizer
 
@@ -289,9 +289,8 @@ def _measure(o: dict, loaded, prompts, adapter: str | None, prefill_only: bool =
 
     def batched(max_new_tokens: int) -> tuple[float, int, dict]:
         eng = engine_for(max_new_tokens)
-        sched = Scheduler(eng.run, deadline=time.monotonic() + 1e9, max_new_tokens=max_new_tokens,
-                          max_batch_tokens=o["max_batch_tokens"], max_batch_size=o["max_batch_size"],
-                          budget_per_row=1e9, length=eng.length)
+        sched = Scheduler(eng.run, Limits(time.monotonic() + 1e9, max_new_tokens, o["max_batch_tokens"],
+                                          o["max_batch_size"]), length=eng.length)
         _reset_peak()
         t = time.perf_counter()
         res = sched.run(dict(enumerate(requests)))

@@ -53,7 +53,7 @@ def _variant(name, opts, queue):
     from prompt_recovery.data import read_test
     from prompt_recovery.engine import Engine
     from prompt_recovery.prompt import PromptBuilder, Template, newline_token_ids
-    from prompt_recovery.scheduler import Scheduler
+    from prompt_recovery.scheduler import Limits, Scheduler
 
     torch.set_num_threads(opts["threads"])
     model, tok = _load(opts)
@@ -67,9 +67,8 @@ def _variant(name, opts, queue):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if name == "batched scheduler":
-        sched = Scheduler(engine.run, deadline=time.monotonic() + 1e9, max_new_tokens=opts["max_new_tokens"],
-                          max_batch_tokens=opts["max_batch_tokens"], max_batch_size=opts["max_batch_size"],
-                          budget_per_row=1e9)
+        sched = Scheduler(engine.run, Limits(time.monotonic() + 1e9, opts["max_new_tokens"],
+                                             opts["max_batch_tokens"], opts["max_batch_size"]))
         out = sched.run(dict(enumerate(prompts)))
         outs = [out[i].tokens for i in range(len(prompts))]
     else:

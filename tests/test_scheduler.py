@@ -14,7 +14,7 @@ import weakref
 import pytest
 
 from prompt_recovery.engine import BatchOutput
-from prompt_recovery.scheduler import DEADLINE, NON_FINITE, OOM, CostModel, Scheduler
+from prompt_recovery.scheduler import DEADLINE, NON_FINITE, OOM, CostModel, Hooks, Limits, Scheduler
 
 MAX_NEW = 8
 
@@ -83,10 +83,11 @@ def make_prompts(n, seed, longest=400):
 
 
 def scheduler(engine, clock, deadline, **kw):
-    args = {"deadline": deadline, "max_new_tokens": MAX_NEW, "max_batch_tokens": 4000, "max_batch_size": 16,
-            "budget_per_row": 25.0, "clock": clock}
-    args.update(kw)
-    return Scheduler(engine, **args)
+    limits = {"deadline": deadline, "max_new_tokens": MAX_NEW, "max_batch_tokens": 4000, "max_batch_size": 16,
+              "budget_per_row": 25.0}
+    limits.update({k: kw.pop(k) for k in list(kw) if k in limits or k == "calibration_rows"})
+    hooks = Hooks(**{k: kw.pop(k) for k in list(kw) if k in ("on_batch", "recover", "progress", "desc")})
+    return Scheduler(engine, Limits(**limits), clock=clock, hooks=hooks, **kw)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -320,7 +320,7 @@ class TrainArgs:
     output: str = "adapter"
     """Adapter folder to write (predict --adapter loads it as it is)."""
     method: Method = "prompt-tuning"
-    """prompt-tuning, prefix-tuning or lora (QLoRA with --quantize 4bit on CUDA)."""
+    """prompt-tuning, prefix-tuning or lora (QLoRA with --quantize 4bit, on CUDA or the CPU)."""
     val: str | None = None
     """Validation rows (same columns): evaluated every --eval-steps; the best checkpoint is kept."""
     num_virtual_tokens: int = 20

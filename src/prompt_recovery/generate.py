@@ -30,7 +30,7 @@ from importlib import resources
 
 from .config import GenerateArgs
 from .data import MAX_CELL_CHARS, InputError, read_table
-from .scheduler import Outcome, Scheduler
+from .scheduler import Hooks, Limits, Outcome, Scheduler
 from .submission import write_atomic
 
 log = logging.getLogger(__name__)
@@ -354,11 +354,10 @@ class Session:
             # float16 overflow (Gemma on a T4): the loaded model moves to the safe dtype and the batch runs again.
             return bool(model_lib.upcast(loaded, why=message)["changed"])
 
-        scheduler = Scheduler(engine.run, deadline=self.deadline, max_new_tokens=max_new_tokens,
-                              max_batch_tokens=self.args.max_batch_tokens, max_batch_size=self.args.max_batch_size,
-                              budget_per_row=self.args.budget.budget_per_row, length=engine.length,
-                              clock=self.clock, on_batch=on_batch, recover=recover, progress=self.args.progress,
-                              desc=desc)
+        limits = Limits(self.deadline, max_new_tokens, self.args.max_batch_tokens, self.args.max_batch_size,
+                        self.args.budget.budget_per_row)
+        scheduler = Scheduler(engine.run, limits, length=engine.length, clock=self.clock,
+                              hooks=Hooks(on_batch, recover, self.args.progress, desc))
         return scheduler.run(requests)
 
 

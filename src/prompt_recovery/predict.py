@@ -29,7 +29,7 @@ from .ensemble import MBR, Combiner, Member, groups, resolve_members, share_of
 from .errors import one_line
 from .postprocess import clean, fit_with_suffix, normalise, shipped_text
 from .rows import FALLBACK, MODEL, RULE, Rows
-from .scheduler import Outcome, Scheduler
+from .scheduler import Hooks, Limits, Outcome, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +262,12 @@ def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, cloc
     todo = [i for i in range(n) if rows[i].row.usable and rows[i].source != RULE]
     if todo:
         plan = groups(members)
-        loading: list = []  # model loads abandoned at their deadline that may still be running
+        run = Run(args, rows, report, reports, recombine, clock, loader)
         for g, group in enumerate(plan):
             left = deadline - clock()
             group_deadline = clock() + max(0.0, left) * share_of(group, plan[g:])
             try:
-                _serve_group(args, group, rows, todo, recombine, report, reports, group_deadline, clock, loader,
-                             loading)
+                GroupServer(run, group).serve(todo, group_deadline)
             except InputError as exc:
                 if len(plan) == 1:
                     raise  # the one model or adapter the run has is unusable: the user's to fix (exit 2)
@@ -370,122 +369,170 @@ def load_before(load, model_args, seconds: float, loading: list):
     return box["value"]
 
 
-def _serve_group(args: PredictArgs, group: list[Member], rows: Rows, todo: list[int], recombine, report: Report,
-                 reports: dict[str, MemberReport], deadline: float, clock, loader, loading: list) -> None:
-    """Load one model with every member's adapter, then serve all members' rows in one scheduler run."""
-    from . import model as model_lib
-    from .engine import Engine, Request
-    from .prompt import PromptBuilder, eos_token_ids, newline_token_ids
+@dataclass
+class Run:
+    """What every member group of one predict run shares: its arguments, rows, reports, clock and loads."""
 
-    # One key per answer to make: (row, member rank, sample), minus what an earlier run already made.
-    keys = [(i, m.rank, s) for m in group for i in todo for s in range(m.args.samples) if not rows.has(i, m.name, s)]
-    if not keys:
-        return
-    by_rank = {m.rank: m for m in group}
-    for m in group:
-        reports[m.name].requests = sum(1 for k in keys if k[1] == m.rank)
-    for thread in loading:  # a model abandoned by an earlier group may still be loading onto the same device
-        thread.join(max(0.0, deadline - clock()))
-    if clock() >= deadline or any(t.is_alive() for t in loading):
-        _miss(keys, rows, reports, by_rank, "deadline")
-        return
-    t = clock()
-    model_args = dataclasses.replace(args.model, model=group[0].model, adapter=[m.args.adapter for m in group])
-    loaded = load_before(loader or model_lib.load, model_args, deadline - t, loading)
-    report.load_s += clock() - t
-    if loaded is None:
-        log.warning("the model did not load before its deadline; its members' rows keep other answers or the "
-                    "fallback prompt")
-        _miss(keys, rows, reports, by_rank, "deadline")
-        return
-    report.model = {k: v for k, v in {**loaded.identity, **loaded.info}.items() if k != "startup"}
-    if not report.startup:
-        report.startup = dict(loaded.info.get("startup") or {})
-    tok = loaded.tokenizer
-    adapter = {m.rank: loaded.adapter_names[j] for j, m in enumerate(group)}
-    prefix: dict[int, str] = {}
-    template_of: dict[int, object] = {}
-    # Once per row and template, whatever the members and samples sharing it (greedy and sampled members of one
-    # adapter share its template): tokenizing a 1,024-token prompt is not free.
-    prompt_ids: dict[tuple[int, object], list[int]] = {}
-    for j, m in enumerate(group):
-        template = template_of[m.rank] = _template(args, m, loaded.adapter_paths[j])
-        prefix[m.rank] = template.answer_prefix
-        if j == 0:
-            report.template = asdict(template)
-        builder = PromptBuilder(tok, template, args.prompt.max_input_tokens)
-        for i in {k[0] for k in keys if k[1] == m.rank}:
-            if (i, template) not in prompt_ids:
-                prompt_ids[i, template] = builder.build(rows[i].row.original_text, rows[i].row.rewritten_text)
-    requests = {}
-    for i, rank, s in keys:
-        m = by_rank[rank]
-        sampled = m.args.samples > 1
-        requests[i, rank, s] = Request(prompt_ids[i, template_of[rank]], adapter=adapter[rank],
-                                       temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
-                                       seed=_seed(m.args.seed, rank, i, s))
-    make_engine = loaded.engine or Engine
-    engine = make_engine(loaded.model, tok.pad_token_id, eos_token_ids(tok, loaded.model),
-                         args.generation.max_new_tokens, stop_ids=newline_token_ids(tok), served=loaded.served,
-                         clock=clock)
+    args: PredictArgs
+    rows: Rows
+    report: Report
+    reports: dict[str, MemberReport]
+    """Member name -> its report."""
+    recombine: Callable
+    """Re-combine the given rows' candidates into their submitted text."""
+    clock: Callable[[], float] = time.monotonic
+    loader: Callable | None = None
+    """model.load, or a test's stand-in."""
+    loading: list = field(default_factory=list)
+    """Model loads abandoned at their deadline that may still be running."""
 
-    def on_batch(done: dict[tuple, Outcome]) -> None:
+
+class GroupServer:
+    """One model loaded with every member's adapter, serving all members' rows in one scheduler run."""
+
+    def __init__(self, run: Run, group: list[Member]) -> None:
+        self.run, self.group = run, group
+        self.by_rank = {m.rank: m for m in group}
+        self.loaded = None
+        self.prefix: dict[int, str] = {}
+        """Member rank -> the answer prefix its template puts before the answer (stripped by clean)."""
+
+    def serve(self, todo: list[int], deadline: float) -> None:
+        keys = self.keys_to_answer(todo)
+        if not keys:
+            return
+        self.loaded = self.load_before(deadline, keys)
+        if self.loaded is None:
+            return
+        requests = self.requests(keys)
+        self.generate(requests, deadline)
+
+    def keys_to_answer(self, todo: list[int]) -> list[tuple[int, int, int]]:
+        """One key per answer to make: (row, member rank, sample), minus what an earlier run already made."""
+        rows = self.run.rows
+        keys = [(i, m.rank, s) for m in self.group for i in todo for s in range(m.args.samples)
+                if not rows.has(i, m.name, s)]
+        for m in self.group:
+            self.run.reports[m.name].requests = sum(1 for k in keys if k[1] == m.rank)
+        return keys
+
+    def load_before(self, deadline: float, keys: list) -> object | None:
+        """The group's model with its members' adapters, or None (every key missed) if not loaded in time."""
+        from . import model as model_lib
+
+        run = self.run
+        for thread in run.loading:  # a model abandoned by an earlier group may still be loading onto the same device
+            thread.join(max(0.0, deadline - run.clock()))
+        if run.clock() >= deadline or any(t.is_alive() for t in run.loading):
+            _miss(keys, run.rows, run.reports, self.by_rank, "deadline")
+            return None
+        t = run.clock()
+        model_args = dataclasses.replace(run.args.model, model=self.group[0].model,
+                                         adapter=[m.args.adapter for m in self.group])
+        loaded = load_before(run.loader or model_lib.load, model_args, deadline - t, run.loading)
+        run.report.load_s += run.clock() - t
+        if loaded is None:
+            log.warning("the model did not load before its deadline; its members' rows keep other answers or the "
+                        "fallback prompt")
+            _miss(keys, run.rows, run.reports, self.by_rank, "deadline")
+            return None
+        run.report.model = {k: v for k, v in {**loaded.identity, **loaded.info}.items() if k != "startup"}
+        if not run.report.startup:
+            run.report.startup = dict(loaded.info.get("startup") or {})
+        return loaded
+
+    def requests(self, keys: list) -> dict:
+        """{key: engine Request}: each row's prompt under its member's template, tokenized once per template."""
+        from .engine import Request
+        from .prompt import PromptBuilder
+
+        run, loaded = self.run, self.loaded
+        adapter = {m.rank: loaded.adapter_names[j] for j, m in enumerate(self.group)}
+        template_of: dict[int, object] = {}
+        # Once per row and template, whatever the members and samples sharing it (greedy and sampled members of
+        # one adapter share its template): tokenizing a 1,024-token prompt is not free.
+        prompt_ids: dict[tuple[int, object], list[int]] = {}
+        for j, m in enumerate(self.group):
+            template = template_of[m.rank] = _template(run.args, m, loaded.adapter_paths[j])
+            self.prefix[m.rank] = template.answer_prefix
+            if j == 0:
+                run.report.template = asdict(template)
+            builder = PromptBuilder(loaded.tokenizer, template, run.args.prompt.max_input_tokens)
+            for i in {k[0] for k in keys if k[1] == m.rank}:
+                if (i, template) not in prompt_ids:
+                    prompt_ids[i, template] = builder.build(run.rows[i].row.original_text,
+                                                            run.rows[i].row.rewritten_text)
+        requests = {}
+        for i, rank, s in keys:
+            m = self.by_rank[rank]
+            sampled = m.args.samples > 1
+            requests[i, rank, s] = Request(prompt_ids[i, template_of[rank]], adapter=adapter[rank],
+                                           temperature=m.args.temperature if sampled else 0.0, top_p=m.args.top_p,
+                                           seed=_seed(m.args.seed, rank, i, s))
+        return requests
+
+    def generate(self, requests: dict, deadline: float) -> None:
+        """All requests through one scheduler run; the report gets its batches and seconds."""
+        from .engine import Engine
+        from .prompt import eos_token_ids, newline_token_ids
+
+        run, loaded, gen = self.run, self.loaded, self.run.args.generation
+        tok = loaded.tokenizer
+        engine = (loaded.engine or Engine)(loaded.model, tok.pad_token_id, eos_token_ids(tok, loaded.model),
+                                           gen.max_new_tokens, stop_ids=newline_token_ids(tok),
+                                           served=loaded.served, clock=run.clock)
+        gen_start = run.clock()
+        limits = Limits(deadline, gen.max_new_tokens, gen.max_batch_tokens, gen.max_batch_size,
+                        run.args.budget.budget_per_row)
+        desc = " + ".join(m.name for m in self.group) if len(self.group) > 1 else "predict"
+        scheduler = Scheduler(engine.run, limits, length=engine.length, clock=run.clock,
+                              hooks=Hooks(self.on_batch, self.recover, run.args.progress, desc))
+        # Every member's first answer for every row before anyone's second sample, members in priority order:
+        # when time runs short, rows lose extras, not answers.
+        scheduler.run(requests, tiers={k: (k[2], k[1]) for k in requests})
+        run.report.generate_s += run.clock() - gen_start
+        stats = scheduler.stats.as_dict()
+        run.report.batches += stats["batches"]
+        run.report.oom_splits += stats["oom_splits"]
+        run.report.prompt_tokens += sum(b["prefill_tokens"] for b in stats["batches"])
+
+    def on_batch(self, done: dict[tuple, Outcome]) -> None:
+        """A finished batch: answers cleaned into candidates and logged, touched rows recombined, file rewritten."""
+        run = self.run
         entries = []
         for (i, rank, sample), outcome in done.items():
-            member = by_rank[rank]
-            mrep = reports[member.name]
+            member = self.by_rank[rank]
+            mrep = run.reports[member.name]
             if outcome.tokens is None:
                 mrep.count(outcome.reason)
-                rows.fall_back(i, outcome.reason or "unknown")
+                run.rows.fall_back(i, outcome.reason or "unknown")
                 continue  # not logged: on --resume it is tried again
-            report.new_tokens += len(outcome.tokens)
-            text = clean(tok.decode(outcome.tokens, skip_special_tokens=True), prefix[rank],
-                         args.out.max_prompt_words)
+            run.report.new_tokens += len(outcome.tokens)
+            text = clean(self.loaded.tokenizer.decode(outcome.tokens, skip_special_tokens=True), self.prefix[rank],
+                         run.args.out.max_prompt_words)
             if text is None:
                 mrep.count("unusable_generation")
-                rows.fall_back(i, "unusable_generation")  # junk: the mean prompt scores better
+                run.rows.fall_back(i, "unusable_generation")  # junk: the mean prompt scores better
             else:
                 mrep.answered += 1
-            rows.add(i, member.name, sample, text)
+            run.rows.add(i, member.name, sample, text)
             if outcome.timed_out:
                 mrep.cut += 1  # serves this run's file, but --resume makes it again: it may be unfinished
             else:
                 entries.append((i, member.key, member.name, sample, text))
-        rows.record(entries)
-        recombine({k[0] for k in done})
-        rows.write()
+        run.rows.record(entries)
+        run.recombine({k[0] for k in done})
+        run.rows.write()
 
-    def recover(message: str) -> bool:
-        # float16 overflow (Gemma 3 on a T4): switch the loaded model to the safe dtype and retry the batch.
-        result = model_lib.upcast(loaded, why=message)
+    def recover(self, message: str) -> bool:
+        """float16 overflow (Gemma 3 on a T4): switch the loaded model to the safe dtype and retry the batch."""
+        from . import model as model_lib
+
+        result = model_lib.upcast(self.loaded, why=message)
         if result["changed"]:
-            report.recoveries.append(f"{message}: upcast from {result['from']} to {result['to']}")
-            report.model.update(loaded.info)
+            self.run.report.recoveries.append(f"{message}: upcast from {result['from']} to {result['to']}")
+            self.run.report.model.update(self.loaded.info)
         return bool(result["changed"])
-
-    gen_start = clock()
-    scheduler = Scheduler(
-        engine.run,
-        deadline=deadline,
-        max_new_tokens=args.generation.max_new_tokens,
-        max_batch_tokens=args.generation.max_batch_tokens,
-        max_batch_size=args.generation.max_batch_size,
-        budget_per_row=args.budget.budget_per_row,
-        length=engine.length,
-        clock=clock,
-        on_batch=on_batch,
-        recover=recover,
-        progress=args.progress,
-        desc=" + ".join(m.name for m in group) if len(group) > 1 else "predict",
-    )
-    # Every member's first answer for every row before anyone's second sample, members in priority order:
-    # when time runs short, rows lose extras, not answers.
-    scheduler.run(requests, tiers={k: (k[2], k[1]) for k in requests})
-    report.generate_s += clock() - gen_start
-    stats = scheduler.stats.as_dict()
-    report.batches += stats["batches"]
-    report.oom_splits += stats["oom_splits"]
-    report.prompt_tokens += sum(b["prefill_tokens"] for b in stats["batches"])
 
 
 def _miss(keys, rows: Rows, reports: dict, by_rank: dict, reason: str) -> None:

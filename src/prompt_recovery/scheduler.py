@@ -123,6 +123,43 @@ def _slow(old: float | None, new: float) -> float:
     return new if old is None or new >= old else 0.5 * (old + new)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What bounds one scheduler run: its deadline, each batch's size, each row's share of the time."""
+
+    deadline: float
+    """Clock time by which every request has come back (generated, cut short or fallen back)."""
+    max_new_tokens: int
+    """Tokens a request may generate."""
+    max_batch_tokens: int
+    """Token slots a batch may hold: rows x (padded prompt + max_new_tokens)."""
+    max_batch_size: int
+    """Rows a batch may hold."""
+    budget_per_row: float = math.inf
+    """Seconds of decoding a row may take at most, whatever time is left."""
+    calibration_rows: int = 1
+    """Rows of the first batch, which measures the rates (the shortest requests)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_batch_tokens", "max_batch_size", "calibration_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+
+
+@dataclass
+class Hooks:
+    """What a scheduler run calls back and shows."""
+
+    on_batch: Callable[[dict[Hashable, Outcome]], None] | None = None
+    """Called with each finished batch's outcomes (the caller writes its file there)."""
+    recover: Callable[[str], bool] | None = None
+    """Called on non-finite logits; True when it changed something (a safe dtype), so the batch runs again."""
+    progress: bool = False
+    """Show a tqdm bar."""
+    desc: str = "predict"
+    """The bar's label."""
+
+
 class Scheduler:
     """Serve ``{key: request}`` through ``generate`` in time; ``run`` returns ``{key: Outcome}`` for every key.
 
@@ -130,37 +167,24 @@ class Scheduler:
     batch's cost (``prefill_tokens``, ``prefill_s``, ``row_steps``, ``decode_s``): the engine's BatchOutput.
     """
 
-    def __init__(
-        self,
-        generate: Callable,
-        *,
-        deadline: float,
-        max_new_tokens: int,
-        max_batch_tokens: int,
-        max_batch_size: int,
-        budget_per_row: float,
-        length: Callable[[object], int] = len,
-        clock: Callable[[], float] = time.monotonic,
-        on_batch: Callable[[dict[Hashable, Outcome]], None] | None = None,
-        recover: Callable[[str], bool] | None = None,
-        progress: bool = False,
-        calibration_rows: int = 1,
-        desc: str = "predict",
-    ) -> None:
+    def __init__(self, generate: Callable, limits: Limits, *, length: Callable[[object], int] = len,
+                 clock: Callable[[], float] = time.monotonic, hooks: Hooks | None = None) -> None:
+        hooks = hooks or Hooks()
         self.generate = generate
-        self.deadline = deadline
-        self.max_new_tokens = max_new_tokens
-        self.token_cap = max_batch_tokens
-        self.size_cap = max_batch_size
-        self.budget_per_row = budget_per_row
+        self.limits = limits
+        self.deadline = limits.deadline
+        self.max_new_tokens = limits.max_new_tokens
+        self.token_cap = limits.max_batch_tokens
+        self.size_cap = limits.max_batch_size
+        self.budget_per_row = limits.budget_per_row
+        self.calibration_rows = limits.calibration_rows
         self.length = length
         self.clock = clock
-        self.on_batch = on_batch
-        self.recover = recover
-        self.progress = progress
-        self.calibration_rows = max(1, calibration_rows)
-        self.desc = desc
-        self.cost = CostModel(max_new_tokens)
+        self.on_batch = hooks.on_batch
+        self.recover = hooks.recover
+        self.progress = hooks.progress
+        self.desc = hooks.desc
+        self.cost = CostModel(limits.max_new_tokens)
         self.stats = SchedulerStats()
 
     def _slots(self, rows: int, padded: int) -> int:

@@ -111,8 +111,6 @@ def _load_for_training(args: TrainArgs):
 
     folder, name = resolve(args.model)
     cuda = torch.cuda.is_available() and args.model.device != "cpu"
-    if args.model.quantize != "none" and not cuda:
-        raise InputError("QLoRA (--quantize 4bit/8bit) trains only where CUDA is present")
     # bfloat16 only where it is native (not torch.cuda.is_bf16_supported(), True on a T4); float32 elsewhere.
     dtype, reason = choose_dtype(args.model.dtype, "cuda" if cuda else "cpu", cuda_capability() if cuda else None,
                                  training=True)
@@ -120,7 +118,8 @@ def _load_for_training(args: TrainArgs):
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if args.model.quantize != "none":
         kwargs["quantization_config"] = bnb_config(args.model.quantize, dtype)
-        kwargs["device_map"] = {"": 0}
+        # bitsandbytes 0.50 quantizes, and trains through, its 4- and 8-bit layers on the CPU as well.
+        kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if args.model.quantize != "none":
