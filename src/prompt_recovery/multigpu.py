@@ -21,6 +21,8 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import BudgetArgs, PredictArgs
@@ -68,19 +70,59 @@ def shard_budget(budget: BudgetArgs, end_wall: float, rows: int, now: float) -> 
     return dataclasses.replace(budget, time_limit=left, budget_per_row=max(budget.budget_per_row, left / max(rows, 1)))
 
 
-def _shard_worker(args: PredictArgs, device: str | None, index: int, end_wall: float, rows: int,
-                  budget_file: str, loader=None, clock=None) -> None:
-    if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device  # before torch starts in this process
-    os.environ[REPLICA_ENV] = str(index)
+@dataclass
+class Shard:
+    """One replica's share of the run: its rows, files and device (pickled into its spawned process)."""
+
+    index: int
+    device: str | None
+    """CUDA_VISIBLE_DEVICES for the replica (None: leave it as it is)."""
+    positions: list[int]
+    """Rows of the whole input it serves, in order (interleaved: k, k + n, ...)."""
+    work: Path
+    """Folder of every shard's files."""
+    args: PredictArgs | None = None
+    """Its predict arguments: its own test CSV, output and report."""
+
+    @property
+    def csv(self) -> Path:
+        return self.work / f"shard{self.index}.csv"
+
+    @property
+    def output(self) -> Path:
+        return self.work / f"shard{self.index}_submission.csv"
+
+    @property
+    def budget_file(self) -> Path:
+        return self.work / f"shard{self.index}_budget.json"
+
+
+@dataclass
+class Replicas:
+    """What every replica of one run shares: one absolute end, the stand-ins tests and the simulator pass."""
+
+    end_wall: float
+    """The whole run's end on the wall clock, the same for every replica."""
+    loader: Callable | None = None
+    """Picklable ModelArgs -> Loaded replacing model.load in every replica."""
+    clock: Callable[[], float] | None = None
+    """Picklable wall clock (default time.time): copied into each replica at its start."""
+
+
+def _shard_worker(shard: Shard, run: Replicas) -> None:
+    if shard.device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = shard.device  # before torch starts in this process
+    os.environ[REPLICA_ENV] = str(shard.index)
     from .predict import predict
 
     # Taken after this process's start-up, which is part of the run's time like everything else.
-    budget = shard_budget(args.budget, end_wall, rows, (clock or time.time)())
-    with open(budget_file, "w", encoding="utf-8") as f:
-        json.dump({"end_wall": end_wall, "time_limit": budget.time_limit, "budget_per_row": budget.budget_per_row}, f)
-    report = predict(dataclasses.replace(args, budget=budget), loader=loader, clock=clock or time.monotonic)
-    print(f"[replica {index}] " + report.summary().replace("\n", "\n  "), flush=True)
+    budget = shard_budget(shard.args.budget, run.end_wall, len(shard.positions), (run.clock or time.time)())
+    with open(shard.budget_file, "w", encoding="utf-8") as f:
+        json.dump({"end_wall": run.end_wall, "time_limit": budget.time_limit,
+                   "budget_per_row": budget.budget_per_row}, f)
+    report = predict(dataclasses.replace(shard.args, budget=budget), loader=run.loader,
+                     clock=run.clock or time.monotonic)
+    print(f"[replica {shard.index}] " + report.summary().replace("\n", "\n  "), flush=True)
 
 
 def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str, loader=None, clock=None) -> dict:
@@ -95,76 +137,82 @@ def predict_sharded(args: PredictArgs, devices: list[str | None], fallback: str,
     rows = read_test(args.test_csv).rows
     ids = [r.id for r in rows]
     # One absolute end for every replica: the whole run's budget, as one process would have had it.
-    end_wall = start_wall + args.budget.seconds(len(ids))
+    run = Replicas(start_wall + args.budget.seconds(len(ids)), loader, clock)
     write_submission(args.output, ids, [fallback] * len(ids))  # complete before any replica starts
     work = Path(args.output).parent / (Path(args.output).name + ".shards")
     work.mkdir(parents=True, exist_ok=True)
-    n = len(devices)
-    procs, shards = [], []
-    ctx = mp.get_context("spawn")  # fork after CUDA or tokenizers threads start can deadlock
-    for k, device in enumerate(devices):
-        positions = list(range(k, len(rows), n))
-        shard_csv, shard_out = work / f"shard{k}.csv", work / f"shard{k}_submission.csv"
-        budget_file = work / f"shard{k}_budget.json"
-        with open(shard_csv, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "original_text", "rewritten_text"])
-            w.writerows([rows[i].id, rows[i].original_text, rows[i].rewritten_text] for i in positions)
-        # Every shard falls back to the same prompt as the merged file, whatever fails where.
-        out_args = dataclasses.replace(args.out, fallback_prompt=fallback, fallback_prompt_file=None)
-        shard_args = dataclasses.replace(args, test_csv=str(shard_csv), output=str(shard_out), out=out_args,
-                                         report=str(work / f"shard{k}_report.json"), progress=False)
-        if shard_out.exists() and not args.resume:
-            shard_out.unlink()
-        budget_file.unlink(missing_ok=True)  # an earlier run's would pass for this one's
-        proc = ctx.Process(target=_shard_worker,
-                           args=(shard_args, device, k, end_wall, len(positions), str(budget_file), loader, clock))
-        proc.start()
-        procs.append(proc)
-        shards.append((positions, shard_out, budget_file))
+    shards = [Shard(k, device, list(range(k, len(rows), len(devices))), work) for k, device in enumerate(devices)]
+    procs = [_start_replica(args, shard, rows, fallback, run) for shard in shards]
     for proc in procs:
-        # Each replica stops itself before the end (its own deadline and margin); one that hangs (a CUDA call
-        # that never returns) must not hold the notebook past its limit, where Kaggle would score nothing.
-        proc.join(max(0.0, end_wall + REPLICA_GRACE_S - now()))
-        if proc.is_alive():
-            log.warning("replica %s is still running at the run's end; it is stopped, its rows keep what it wrote",
-                        proc.name)
-            proc.terminate()
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _stop_at_the_end(proc, run.end_wall, now)
     _merge_candidates(args.output, rows, shards)
+    prompts, merged = _merge_submissions(ids, fallback, shards, procs)
+    write_submission(args.output, ids, prompts)
+    return {"shards": len(shards), "rows": len(ids), "merged": merged, "exit_codes": [p.exitcode for p in procs],
+            "end_wall": run.end_wall, "budgets": [_read_json(s.budget_file) for s in shards]}
+
+
+def _start_replica(args: PredictArgs, shard: Shard, rows, fallback: str, run: Replicas):
+    """Write the shard's rows, give it its own files and the run's fallback, and spawn its process."""
+    with open(shard.csv, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "original_text", "rewritten_text"])
+        w.writerows([rows[i].id, rows[i].original_text, rows[i].rewritten_text] for i in shard.positions)
+    # Every shard falls back to the same prompt as the merged file, whatever fails where.
+    out_args = dataclasses.replace(args.out, fallback_prompt=fallback, fallback_prompt_file=None)
+    shard.args = dataclasses.replace(args, test_csv=str(shard.csv), output=str(shard.output), out=out_args,
+                                     report=str(shard.work / f"shard{shard.index}_report.json"), progress=False)
+    if shard.output.exists() and not args.resume:
+        shard.output.unlink()
+    shard.budget_file.unlink(missing_ok=True)  # an earlier run's would pass for this one's
+    ctx = mp.get_context("spawn")  # fork after CUDA or tokenizers threads start can deadlock
+    proc = ctx.Process(target=_shard_worker, args=(shard, run))
+    proc.start()
+    return proc
+
+
+def _stop_at_the_end(proc, end_wall: float, now: Callable[[], float]) -> None:
+    # Each replica stops itself before the end (its own deadline and margin); one that hangs (a CUDA call
+    # that never returns) must not hold the notebook past its limit, where Kaggle would score nothing.
+    proc.join(max(0.0, end_wall + REPLICA_GRACE_S - now()))
+    if proc.is_alive():
+        log.warning("replica %s is still running at the run's end; it is stopped, its rows keep what it wrote",
+                    proc.name)
+        proc.terminate()
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _merge_submissions(ids: list[str], fallback: str, shards: list[Shard], procs) -> tuple[list[str], int]:
+    """(prompts by row, rows merged): each shard's answers in its rows' places, the fallback elsewhere."""
     prompts = [fallback] * len(ids)
     merged = 0
-    budgets = []
-    for (positions, shard_out, budget_file), proc in zip(shards, procs):
-        budgets.append(_read_json(budget_file))
+    for shard, proc in zip(shards, procs):
         try:
-            found = read_submission(str(shard_out))
+            found = read_submission(str(shard.output))
         except Exception as exc:  # a replica that died leaves its rows on the fallback
-            log.warning("shard %s gave no usable output (exit %s): %s", shard_out.name, proc.exitcode, exc)
+            log.warning("shard %s gave no usable output (exit %s): %s", shard.output.name, proc.exitcode, exc)
             continue
-        if [f[0] for f in found] != [ids[i] for i in positions]:
-            log.warning("shard %s does not match its rows; its rows keep the fallback", shard_out.name)
+        if [f[0] for f in found] != [ids[i] for i in shard.positions]:
+            log.warning("shard %s does not match its rows; its rows keep the fallback", shard.output.name)
             continue
-        for i, (_, prompt) in zip(positions, found):
+        for i, (_, prompt) in zip(shard.positions, found):
             if prompt.strip():
                 prompts[i] = prompt
                 merged += 1
-    write_submission(args.output, ids, prompts)
-    return {"shards": n, "rows": len(ids), "merged": merged, "exit_codes": [p.exitcode for p in procs],
-            "end_wall": end_wall, "budgets": budgets}
+    return prompts, merged
 
 
 def _merge_candidates(output: str, rows, shards) -> None:
     """The replicas' candidate logs as one OUTPUT.candidates.jsonl, rows numbered as in the whole input."""
     merged = CandidateLog.for_rows(output, rows)
     merged.start(keep=False)
-    for positions, shard_out, _ in shards:
-        shard_rows = [rows[i] for i in positions]
-        log_ = CandidateLog.for_rows(str(shard_out), shard_rows)
-        merged.append([{**rec, "row": positions[rec["row"]]} for rec in log_.load([r.id for r in shard_rows])])
+    for shard in shards:
+        shard_rows = [rows[i] for i in shard.positions]
+        log_ = CandidateLog.for_rows(str(shard.output), shard_rows)
+        merged.append([{**rec, "row": shard.positions[rec["row"]]} for rec in log_.load([r.id for r in shard_rows])])
 
 
 def _read_json(path: Path) -> dict | None:
