@@ -278,7 +278,7 @@ def test_bench_gpu_steps_run_as_child_processes(bench, tmp_path):
 
 def test_upcast_that_would_not_fit_changes_nothing(overflow_dir, monkeypatch):
     half = model_lib.load(ModelArgs(model=overflow_dir, adapter="none", device="cpu", dtype="float16"))
-    monkeypatch.setattr(model_lib, "_room", lambda device: 1024)  # a GPU with 1 KiB free
+    monkeypatch.setattr(model_lib.dtypes, "_room", lambda device: 1024)  # a GPU with 1 KiB free
     report = model_lib.upcast(half)
     assert report["changed"] is False and "GiB free" in report["refused"]
     assert {p.dtype for p in half.model.parameters()} == {torch.float16} and half.info["dtype"] == "float16"

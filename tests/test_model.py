@@ -353,7 +353,7 @@ def test_large_gguf_converts_to_float16_small_to_float32_under_separate_keys(fak
     gguf.write_bytes(b"GGUF" + b"\0" * 4096)
     cache = str(tmp_path / "cache")
     small = model_lib.convert_gguf(str(gguf), cache)
-    monkeypatch.setattr(model_lib, "LARGE_GGUF_BYTES", 1024)  # now the same file counts as large
+    monkeypatch.setattr(model_lib.gguf, "LARGE_GGUF_BYTES", 1024)  # now the same file counts as large
     large = model_lib.convert_gguf(str(gguf), cache)
     assert fake_gguf_load == [torch.float32, torch.float16]
     assert small != large and small.endswith("float32") and large.endswith("float16")
@@ -367,7 +367,7 @@ def test_large_gguf_converts_to_float16_small_to_float32_under_separate_keys(fak
     # A conversion from before the dtype was in the key is float32: it serves a float32 request, never a float16 one.
     legacy = small[: -len("-float32")]
     os.rename(small, legacy)
-    monkeypatch.setattr(model_lib, "LARGE_GGUF_BYTES", 1 << 30)
+    monkeypatch.setattr(model_lib.gguf, "LARGE_GGUF_BYTES", 1 << 30)
     assert model_lib.convert_gguf(str(gguf), cache) == legacy and len(fake_gguf_load) == 2
     shutil.rmtree(large)
     assert model_lib.convert_gguf(str(gguf), cache, dtype="float16") == large and len(fake_gguf_load) == 3
