@@ -168,6 +168,56 @@ def test_lora_merged_by_hand_equals_peft_merge_and_unload(variant, tiny_model_di
         assert torch.equal(want[k], got[k]), k
 
 
+@pytest.mark.parametrize("factors", [torch.bfloat16, torch.float64])
+def test_lora_saved_in_another_dtype_merges_as_peft_merges_it(factors, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from prompt_recovery.adapters import lora
+
+    torch.manual_seed(4)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"],
+                              init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k: v.to(factors) for k, v in load_file(path).items()}, path)  # as a bf16 or f64 run would save
+    from peft import PeftModel
+
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                     str(tmp_path / "a")).merge_and_unload().state_dict()
+    got = lora.merge_plain(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "a")).state_dict()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+@pytest.mark.parametrize("config", [dict(init_lora_weights="pissa"), dict(init_lora_weights="olora"),
+                                    dict(use_dora=True), dict(alora_invocation_tokens=[1, 2])])
+def test_lora_variants_are_not_merged_by_hand(config, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prompt_recovery.adapters import lora
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"],
+                              **config)).save_pretrained(tmp_path / "v")
+    assert not lora.plain_lora(str(tmp_path / "v"))
+
+
+def test_lora_on_a_prequantized_folder_is_merged_by_peft_not_by_hand(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=q, device_map={"": "cpu"})
+    quantized.save_pretrained(tmp_path / "q")
+    shutil.copy(os.path.join(tiny_model_dir, "tokenizer.json"), tmp_path / "q")
+    for name in os.listdir(tiny_model_dir):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(tiny_model_dir, name), tmp_path / "q")
+    make_adapter(tiny_model_dir, "lora", tmp_path / "lora")
+    loaded = model_lib.load(ModelArgs(model=str(tmp_path / "q"), adapter=str(tmp_path / "lora"), device="cpu"))
+    assert loaded.served.merged is not None
+
+
 def test_lora_peft_alone_can_merge_goes_through_peft(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

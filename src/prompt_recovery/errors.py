@@ -1,4 +1,4 @@
-"""The errors every stage may raise, in a module that imports nothing of the package: model.py and adapters/
+"""The errors every stage may raise, in a module that imports nothing of the package: model/ and adapters/
 both need AdapterMismatch, and neither may import the other for it (that was an import cycle)."""
 
 from __future__ import annotations

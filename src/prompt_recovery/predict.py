@@ -531,7 +531,7 @@ class GroupServer:
         result = model_lib.upcast(self.loaded, why=message)
         if result["changed"]:
             self.run.report.recoveries.append(f"{message}: upcast from {result['from']} to {result['to']}")
-            self.run.report.model.update(self.loaded.info)
+            self.run.report.model.update({k: v for k, v in self.loaded.info.items() if k != "startup"})
         return bool(result["changed"])
 
 

@@ -232,7 +232,7 @@ def _training_arguments(args: TrainArgs, n_rows: int, has_val: bool, ckpt_dir: P
         data_seed=args.seed,
         report_to="none",
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=args.model.device == "cpu" or not torch.cuda.is_available(),  # where _load_for_training put it
         disable_tqdm=not args.progress,
         save_only_model=False,
         dataloader_num_workers=0,

@@ -52,21 +52,32 @@ def load(model, folders: Mapping[str, str], merge: bool):
     return peft_model, False
 
 
+# adapter_config.json keys that change nothing in a merge of B A (bookkeeping, training-only settings, or what
+# the saved weights themselves say: which modules carry A and B). Any other key with a truthy value sends the
+# adapter through peft, so a field a later peft adds (a new variant) is never merged wrongly by hand.
+HARMLESS_KEYS = frozenset({
+    "auto_mapping", "base_model_name_or_path", "revision", "task_type", "peft_version", "inference_mode",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "eva_config",
+    "megatron_core", "qalora_group_size", "ensure_weight_tying", "peft_type", "r", "lora_alpha", "use_rslora",
+    "bias", "init_lora_weights",
+})
+# Initialisations that leave the base weights as they are (PiSSA, OLoRA, CorDA, LoftQ... rewrite them at load).
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+
+
 def plain_lora(folder: str) -> bool:
-    """True for a LoRA that is only A and B on linear layers, one rank and alpha, no DoRA, bias or saved modules:
-    what ``merge_plain`` merges exactly as peft's ``merge_and_unload`` would. Anything else goes through peft."""
+    """True for a LoRA that is only A and B on linear layers, one rank and alpha, no variant, bias, saved module
+    or base-rewriting initialisation: what ``merge_plain`` merges exactly as peft's ``merge_and_unload`` would."""
     path = os.path.join(folder, WEIGHTS)
     try:
         with open(os.path.join(folder, "adapter_config.json")) as f:
             cfg = json.load(f)
     except (OSError, ValueError):
         return False
-    simple = (cfg.get("peft_type") == "LORA" and os.path.isfile(path) and not cfg.get("use_dora")
-              and cfg.get("bias", "none") == "none" and not cfg.get("lora_bias") and not cfg.get("fan_in_fan_out")
-              and not cfg.get("modules_to_save") and not cfg.get("alpha_pattern") and not cfg.get("rank_pattern")
-              and not cfg.get("trainable_token_indices") and not cfg.get("target_parameters")
-              and not cfg.get("layer_replication") and not cfg.get("use_qalora") and not cfg.get("use_bdlora")
-              and isinstance(cfg.get("r"), int) and cfg["r"] > 0 and "lora_alpha" in cfg)
+    simple = (cfg.get("peft_type") == "LORA" and os.path.isfile(path) and cfg.get("bias", "none") == "none"
+              and cfg.get("init_lora_weights", True) in PLAIN_INITS
+              and isinstance(cfg.get("r"), int) and cfg["r"] > 0 and isinstance(cfg.get("lora_alpha"), (int, float))
+              and not any(value for key, value in cfg.items() if key not in HARMLESS_KEYS))
     if not simple:
         return False
     from safetensors import safe_open
@@ -91,6 +102,9 @@ def merge_plain(model, folder: str):
     r = cfg["r"]
     scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
     weights = load_file(os.path.join(folder, WEIGHTS), device="cpu")
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_device_map", None) and any(
+            d in ("disk", "meta") for d in model.hf_device_map.values()):
+        return None  # packed 4/8-bit or offloaded weights: peft's merge knows their layouts
     modules = dict(model.named_modules())
     names = sorted({k[len(PREFIX):-len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")})
     if not names or len(names) * 2 != len(weights):
@@ -98,15 +112,18 @@ def merge_plain(model, folder: str):
     deltas = {}
     for name in names:
         layer = modules.get(name)
-        if not isinstance(layer, torch.nn.Linear):
+        # Exactly nn.Linear holding real floating weights: bitsandbytes' layers subclass it with packed integers.
+        if (type(layer) is not torch.nn.Linear or not layer.weight.is_floating_point()
+                or layer.weight.device.type == "meta"):
             return None
         a, b = weights[f"{PREFIX}{name}.lora_A.weight"], weights[f"{PREFIX}{name}.lora_B.weight"]
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]:
             raise ValueError(f"size mismatch for {name}: A {list(a.shape)}, B {list(b.shape)}, "
                              f"layer {[layer.out_features, layer.in_features]}")
-        # peft holds 16-bit factors in float32 (autocast_adapter_dtype) and adds the float32 product in place,
-        # rounding once to the weight's dtype: the same here, so the merged weights are peft's bit for bit.
-        compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        # peft builds A and B in the weight's dtype, 16-bit raised to float32 (autocast_adapter_dtype), copies the
+        # saved factors in, and adds the product in place, rounding once: the same here, bit for bit.
+        weight_dtype = layer.weight.dtype
+        compute = torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
         dev = layer.weight.device  # the product where peft would take it: on the layer's device
         deltas[name] = (b.to(dev, compute) @ a.to(dev, compute)) * scale
     with torch.no_grad():  # every check passed first: a refused adapter leaves the base untouched

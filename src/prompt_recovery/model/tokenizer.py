@@ -27,12 +27,23 @@ def load_tokenizer(folder: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path, config = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")
-    if not all(os.path.isfile(p) for p in (path, config, os.path.join(folder, IDENTITY_FILE))):
+    if not (os.path.isfile(path) and os.path.isfile(config) and _converted_gemma(folder)):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     with open(config, encoding="utf-8") as f:
         settings = json.load(f)
     kwargs = {k: settings[k] for k in TOKENIZER_KEYS if k in settings}
     return PreTrainedTokenizerFast(tokenizer_file=path, **kwargs)
+
+
+def _converted_gemma(folder: str) -> bool:
+    """A Gemma GGUF conversion of ours: the only tokenizer the fast path was checked on (tests/test_real_model.py);
+    another family's class may add behaviour (bos or prefix-space settings) its file lacks."""
+    try:
+        with open(os.path.join(folder, IDENTITY_FILE), encoding="utf-8") as f:
+            ident = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return str(ident.get("source", "")).endswith(".gguf") and str(ident.get("name", "")).startswith("gemma")
 
 
 def _has_own_pad(tokenizer) -> bool:
