@@ -13,7 +13,8 @@ case where train adds a pad token and the vocabulary grows by one row).
 
 Steps per shape, each a ``prompt-recovery`` child process measured with ``/usr/bin/time`` (peak RSS):
 QLoRA (``train --method lora --quantize 4bit``), prompt tuning on the same 4-bit base, ``predict --quantize 4bit``
-with each adapter batched and again one row at a time (``--max-batch-size 1``; the candidates must be the same),
+with each adapter batched and again one row at a time (``--max-batch-size 1``), then the engine's token ids
+batched against one row in a child process (a random model's text is junk that postprocess rejects),
 and ``bundle --deps none --model`` with that folder. Wall seconds a row are the CPU's, not a GPU's.
 """
 
@@ -138,6 +139,53 @@ def candidates(path: Path) -> dict[str, str]:
     return out
 
 
+def ids_check(folder: str, adapter: str, test_csv: str, max_new: int) -> None:
+    """Child process: the adapter on the 4-bit base, batched against one row at a time; prints a JSON line.
+
+    Token ids, not the CLI's cleaned text: a random model's words are junk that postprocess rejects.
+    """
+    import time as _time
+
+    from prompt_recovery import model as model_lib
+    from prompt_recovery.config import ModelArgs
+    from prompt_recovery.data import read_test
+    from prompt_recovery.engine import Engine, Request
+    from prompt_recovery.prompt import PromptBuilder, Template, eos_token_ids
+
+    t = _time.perf_counter()
+    loaded = model_lib.load(ModelArgs(model=folder, adapter=[adapter], quantize="4bit", device="cpu"))
+    load_s = _time.perf_counter() - t
+    tok = loaded.tokenizer
+    path = os.path.join(adapter, "recovery_template.json")
+    builder = PromptBuilder(tok, Template.load(adapter) if os.path.isfile(path) else Template(), 512)
+    name = loaded.adapter_names[0]
+    reqs = [Request(builder.build(r.original_text, r.rewritten_text), adapter=name) for r in read_test(test_csv).rows]
+    engine = Engine(loaded.model, tok.pad_token_id, eos_token_ids(tok, loaded.model), max_new, served=loaded.served)
+    t = _time.perf_counter()
+    batched = engine.generate(reqs)
+    batched_s = _time.perf_counter() - t
+    t = _time.perf_counter()
+    alone = [engine.generate([r])[0] for r in reqs]
+    alone_s = _time.perf_counter() - t
+    print("IDS " + json.dumps({"rows": len(reqs), "same": sum(a == b for a, b in zip(batched, alone)),
+                               "tokens": sum(map(len, batched)), "load_s": round(load_s, 1),
+                               "batched_s": round(batched_s, 1), "one_row_s": round(alone_s, 1),
+                               "quantized_layers": sum("Linear4bit" in type(m).__name__
+                                                       for m in loaded.model.modules())}), flush=True)
+
+
+def run_ids_check(out: Path, adapter: str, max_new: int) -> dict:
+    cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", sys.executable, __file__, "--ids-check", str(out / "base"),
+           str(out / adapter), str(out / "test.csv"), str(max_new)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    peak = next((int(line.split()[1]) for line in p.stderr.splitlines() if line.startswith("PEAK_KB")), 0)
+    line = next((line[4:] for line in p.stdout.splitlines() if line.startswith("IDS ")), None)
+    result = {**(json.loads(line) if line else {"error": p.stderr.strip().splitlines()[-3:]}),
+              "peak_gib": round(peak / 2**20, 2)}
+    print(f"  {adapter} ids, batched against one row: {result}", flush=True)
+    return result
+
+
 def bench_shape(name: str, work: Path, n_rows: int, words: int, max_new: int) -> dict:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
@@ -162,8 +210,8 @@ def bench_shape(name: str, work: Path, n_rows: int, words: int, max_new: int) ->
                                                         "--report", f"{adapter}_one.json"], out))
         a = candidates(out / f"{adapter}_batched.csv.candidates.jsonl")
         b = candidates(out / f"{adapter}_one.csv.candidates.jsonl")
-        same[adapter] = {"rows": n_rows, "generated": len(a), "same": sum(a.get(k) == b.get(k) for k in a)}
-        print(f"  {adapter}: batched == one row on {same[adapter]['same']} of {len(a)} generated rows", flush=True)
+        same[adapter] = {"cli_same_text": sum(a.get(k) == b.get(k) for k in a), "cli_rows": len(a),
+                         **run_ids_check(out, adapter, max_new)}
     steps.append(run("bundle --model", ["bundle", "-o", "bundle", "--deps", "none", "--model", "base",
                                         "--adapter", "lora", "--overwrite"], out))
     manifest = out / "bundle" / "manifest.json"
@@ -182,8 +230,8 @@ def table(results: list[dict]) -> str:
                          f"| {per_row} | {s['peak_gib']} |")
     lines.append("")
     for r in results:
-        parts = ", ".join(f"{k}: {v['same']} of {v['generated']} generated rows the same" for k, v in
-                          r["batched_vs_one"].items())
+        parts = ", ".join(f"{k}: the same ids on {v.get('same')} of {v.get('rows')} rows ({v.get('tokens')} tokens)"
+                          for k, v in r["batched_vs_one"].items())
         lines.append(f"- {r['shape']}: batched against one row: {parts}; bundle manifest written: {r['bundle_ok']}")
     return "\n".join(lines)
 
@@ -197,16 +245,30 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the model folders")
+    ap.add_argument("--ids-check", nargs=4, metavar=("BASE", "ADAPTER", "TEST_CSV", "MAX_NEW"), help=argparse.SUPPRESS)
+    ap.add_argument("--only-ids", action="store_true", help="the ids check alone, on adapters a run kept")
     opts = ap.parse_args(argv)
+    if opts.ids_check:
+        base, adapter, test_csv, max_new = opts.ids_check
+        ids_check(base, adapter, test_csv, int(max_new))
+        return 0
     work = Path(opts.work)
     results = []
     for name in opts.shapes:
-        results.append(bench_shape(name, work, opts.rows, opts.words, opts.max_new_tokens))
+        if opts.only_ids:  # the same seed rebuilds the same weights the adapters were trained on
+            out = work / name
+            _, _, texts = write_rows(out, opts.rows, opts.words)
+            build_model(name, out / "base", texts)
+            results.append({"shape": name, "ids": {a: run_ids_check(out, a, opts.max_new_tokens)
+                                                   for a in ("lora", "soft")}})
+        else:
+            results.append(bench_shape(name, work, opts.rows, opts.words, opts.max_new_tokens))
         if not opts.keep:
             shutil.rmtree(work / name / "base", ignore_errors=True)
         if opts.json:  # after every shape: a run cut short keeps what it measured
             Path(opts.json).write_text(json.dumps(results, indent=1))
-    print(table(results))
+    if not opts.only_ids:
+        print(table(results))
     return 0
 
 
