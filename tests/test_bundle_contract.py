@@ -18,7 +18,7 @@ import pytest
 from conftest import assert_valid_submission
 
 from prompt_recovery import contract as contract_lib
-from prompt_recovery.bundle import bundle, contract
+from prompt_recovery.bundle import bundle, contract, contract_table
 from prompt_recovery.cli import main
 from prompt_recovery.config import BundleArgs
 
@@ -271,6 +271,9 @@ def test_torch_only_with_the_default_bundle_reports_what_the_image_lacks(torch_o
     manifest = json.loads((default / "manifest.json").read_text())
     assert {"numpy", "pandas", "scipy", "scikit-learn", "torch"} <= set(manifest["from_image"])
     _needed_by_as_the_wheels_say(default)
+    readme = (ROOT / "kaggle_notebook" / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("<!-- from_image:", 1)[1].split("-->", 1)[1].split("<!-- /from_image -->", 1)[0].strip()
+    assert shown == contract_table(manifest["from_image"]), "kaggle_notebook/README.md's table is stale"
     assert main(["bundle", "-o", str(default), "--check", torch_only_python]) == 1
     checked = capsys.readouterr().out
     assert re.search(r"^numpy: missing \(.*transformers [\d.]+ needs >=", checked, re.M), checked

@@ -151,6 +151,15 @@ def intersect(specs: list[str]) -> str:
     return ",".join(str(c) for c in keep + rest)
 
 
+def contract_table(from_image: dict[str, dict]) -> str:
+    """``from_image`` as the markdown table kaggle_notebook/README.md shows (a test compares the two)."""
+    lines = ["| package | range | needed by (each wheel's own range) | built with |", "|---|---|---|---|"]
+    for name, entry in from_image.items():
+        needs = ", ".join(f"{n['wheel'].split()[0]} {n['requires'] or '(any)'}" for n in entry["needed_by"])
+        lines.append(f"| {name} | `{entry['requires'] or '(any)'}` | {needs} | {entry['built_with']} |")
+    return "\n".join(lines)
+
+
 def check_interpreter(bundle_dir: str, python: str) -> tuple[int, str]:
     """Run contract.py under ``python`` against the bundle's manifest: (0 met / 1 not met, its output)."""
     manifest = Path(bundle_dir) / "manifest.json"
