@@ -3,11 +3,14 @@
 #
 # Attach the `prompt-recovery-bundle` dataset (built by `prompt-recovery bundle`), the competition data and,
 # optionally, a model. Internet off. The second cell writes a complete fallback submission before anything
-# can fail; every later cell only improves it. Generated from `kaggle_notebook/submission.py`
+# can fail; every later cell only improves it, and a failure in any of them (install, contract, imports, model
+# load, predict) is caught, written to `report.json` and named in the last line: a crashed notebook scores
+# nothing, a fallback submission scores. Generated from `kaggle_notebook/submission.py`
 # (`python -m prompt_recovery.notebook`): edit the `.py`, not the `.ipynb`.
 
 # %%
 # Every path and the budget. PROMPT_RECOVERY_KAGGLE_ROOT points these at a folder laid out like /kaggle.
+import glob
 import os
 import time
 
@@ -30,6 +33,8 @@ QUANTIZE = "none"  # "4bit" for 7B+ models on a T4
 EMBEDDER = None  # e.g. /kaggle/input/sentence-t5-base: trims predictions to the 128 tokens the scorer reads
 TIME_LIMIT = 8.5 * 3600  # seconds for the whole notebook (Kaggle allows 9 h)
 BUDGET_PER_ROW = 25.0  # seconds a row at most
+# The image must hold what the bundle takes from it (manifest.json's from_image); False: go on when it does not.
+STOP_ON_CONTRACT = True
 SITE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "prompt_recovery_site")
 
 if MODEL is None and os.path.isfile(os.path.join(BUNDLE, "model", "config.json")):
@@ -46,6 +51,17 @@ print(f"test {TEST_CSV}\noutput {OUTPUT}\nbudget {TIME_LIMIT:.0f}s, {BUDGET_PER_
 # %%
 # Standard library only: a complete all-fallback submission exists before installs, imports or model loads.
 import csv
+import json
+
+FAILURE = None  # the first failure after the fallback file is written: {"stage", "error_type", "error_message"}
+
+
+def fail(stage, exc):
+    global FAILURE
+    print(f"{stage} failed: {type(exc).__name__}: {exc}")
+    if FAILURE is None:
+        FAILURE = {"stage": stage, "error_type": type(exc).__name__, "error_message": str(exc).strip()}
+
 
 FALLBACK = "Please improve this text using the writing style with maintaining the original meaning but altering the tone."
 try:
@@ -88,40 +104,77 @@ def write_fallback(path, ids, prompt):
 os.makedirs(os.path.dirname(OUTPUT), exist_ok=True)
 TEST_IDS = read_test_ids(TEST_CSV)
 write_fallback(OUTPUT, TEST_IDS, FALLBACK)
+# An earlier run's reports would pass for this run's in the last cell.
+for stale in [REPORT, *glob.glob(OUTPUT + ".shards/shard*_report.json")]:
+    if os.path.isfile(stale):
+        os.remove(stale)
 print(f"fallback submission written: {len(TEST_IDS)} rows")
 
 # %%
 # Install from the bundle only: no index, no resolver, the image's torch and CUDA untouched.
-import glob
 import subprocess
 import sys
 
-INSTALLED = False
-wheels = sorted(glob.glob(os.path.join(BUNDLE, "wheels", "*.whl")))
-proc = subprocess.run(
-    [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--quiet",
-     "--target", SITE, *wheels],
-    capture_output=True, text=True,
-)
-if proc.returncode == 0 and wheels:
+
+class InstallError(Exception):
+    pass
+
+
+try:
+    wheels = sorted(glob.glob(os.path.join(BUNDLE, "wheels", "*.whl")))
+    if not wheels:
+        raise FileNotFoundError(f"no wheels in {os.path.join(BUNDLE, 'wheels')}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--quiet",
+         "--target", SITE, *wheels],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise InstallError(f"pip exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()}")
     sys.path.insert(0, SITE)
-    INSTALLED = True
     print(f"installed {len(wheels)} wheels into {SITE}")
-else:
-    print(f"install failed (exit {proc.returncode}); the fallback submission stays\n{proc.stderr[-2000:]}")
+except Exception as exc:
+    fail("install", exc)
+
+# %%
+# The bundle's contract with the image, checked before any time goes to imports or a model: every package its
+# wheels require and do not ship (manifest.json's from_image), each in the range those wheels ask for. The
+# check is the package's standard-library-only module, so it runs on an image that lacks them.
+if FAILURE is None:
+    try:
+        from prompt_recovery.contract import ContractError, check_file
+
+        problems = check_file(os.path.join(BUNDLE, "manifest.json"))
+        for line in problems:
+            print(f"contract: {line}")
+        if problems and STOP_ON_CONTRACT:
+            raise ContractError("; ".join(problems))
+        print(f"contract: {len(problems)} problem(s)" + ("; going on (STOP_ON_CONTRACT is False)" if problems else ""))
+    except Exception as exc:
+        fail("contract", exc)
+
+# %%
+# Imports: what the prediction needs, loaded here so that a missing module is named as one.
+if FAILURE is None:
+    try:
+        import torch  # noqa: F401
+
+        import prompt_recovery
+        from prompt_recovery import engine, ensemble, model, predict  # noqa: F401  (imported late by the run)
+        from prompt_recovery.config import BudgetArgs, EnsembleArgs, ModelArgs, OutputArgs, PredictArgs
+        from prompt_recovery.multigpu import predict_on_gpus
+
+        print(f"prompt_recovery {prompt_recovery.__version__} from {os.path.dirname(prompt_recovery.__file__)}")
+    except Exception as exc:
+        fail("imports", exc)
 
 # %%
 # Predict with the same typed function the CLI calls; on two GPUs, replicas or one spread model.
 import traceback
 
-REPORT_OBJ = None
-if INSTALLED:
+MODE, REPORT_OBJ = None, None
+if FAILURE is None:
     try:
-        import prompt_recovery
-        from prompt_recovery.config import BudgetArgs, EnsembleArgs, ModelArgs, OutputArgs, PredictArgs
-        from prompt_recovery.multigpu import predict_on_gpus
-
-        print(f"prompt_recovery {prompt_recovery.__version__} from {os.path.dirname(prompt_recovery.__file__)}")
         suffix = os.path.join(BUNDLE, "suffix.txt")
         args = PredictArgs(
             test_csv=TEST_CSV,
@@ -138,12 +191,14 @@ if INSTALLED:
         MODE, REPORT_OBJ = predict_on_gpus(args, FALLBACK)
         print(f"mode: {MODE}")
         print(REPORT_OBJ.summary() if hasattr(REPORT_OBJ, "summary") else REPORT_OBJ)
-    except Exception:
+    except Exception as exc:
         traceback.print_exc()
-        print("prediction failed; rows not generated keep the fallback prompt")
+        fail("predict", exc)  # the report predict wrote, if it got that far, names the stage it reached
+
 
 # %%
 # The file Kaggle will read: every test id, in order, each with a non-empty prompt; else the fallback again.
+# Then report.json and the last line: rows generated and, when fewer than all, why.
 def check_submission(path, ids):
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
@@ -153,9 +208,54 @@ def check_submission(path, ids):
     return len(rows) - 1
 
 
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+VALID = True
 try:
     print(f"submission OK: {check_submission(OUTPUT, TEST_IDS)} rows")
 except Exception as exc:
+    VALID = False
     print(f"submission invalid ({exc}); writing the fallback submission")
     write_fallback(OUTPUT, TEST_IDS, FALLBACK)
     print(f"submission OK: {check_submission(OUTPUT, TEST_IDS)} rows")
+    fail("submission", exc)
+
+try:
+    # predict's own report (one process), or its replicas' (one per GPU), written in this run or not at all.
+    parts = [read_json(REPORT)] if MODE != "replicas" else [
+        read_json(p) for p in sorted(glob.glob(OUTPUT + ".shards/shard*_report.json"))]
+    parts = [p for p in parts if p]
+    FINAL = dict(parts[0]) if len(parts) == 1 else {"replicas": parts} if parts else {}
+    FALLEN = sum(p.get("fallback", p.get("rows", 0)) for p in parts)
+    GENERATED = max(0, sum(p.get("rows", 0) for p in parts) - FALLEN) if VALID else 0
+    reasons = {}
+    for p in parts:
+        for k, v in (p.get("fallback_reasons") or {}).items():
+            reasons[k] = reasons.get(k, 0) + v
+        if FAILURE is None and p.get("error"):
+            FAILURE = {"stage": p.get("stage") or "predict", "error_type": p.get("error_type"),
+                       "error_message": p.get("error_message") or p["error"]}
+        elif FAILURE is not None and FAILURE["stage"] == "predict" and p.get("stage"):
+            FAILURE["stage"] = p["stage"]  # predict raised after writing its report: the stage it reached
+    FINAL.update({"rows": len(TEST_IDS), "rows_generated": GENERATED, "stage": None, "error_type": None,
+                  "error_message": None, "error": None, **(FAILURE or {})})
+    if FAILURE:
+        FINAL["error"] = f"{FAILURE['error_type']}: {FAILURE['error_message']}"
+    why = ""
+    if FAILURE:
+        why = f": {FAILURE['stage']}: " + " ".join(FAILURE["error_message"].split())
+    elif len(TEST_IDS) > GENERATED:
+        why = ": fallback for " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    FINAL["last_line"] = f"{GENERATED} of {len(TEST_IDS)} rows generated{why}"
+    with open(REPORT + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(FINAL, f, indent=2)
+    os.replace(REPORT + ".tmp", REPORT)
+    print(FINAL["last_line"])
+except Exception as exc:  # the report is for people; the submission above is what scores
+    print(f"report not written ({type(exc).__name__}: {exc}); the submission stands")

@@ -62,6 +62,9 @@ def test_notebook_runs_offline_from_a_bundle_and_leaves_a_valid_submission(tiny_
     assert "mode: single" in out and "submission OK: 6 rows" in out
     report = json.loads((kaggle / "working" / "report.json").read_text())
     assert report["model"]["adapter"].endswith("tiny-lora") and report["rows"] == 6
+    assert "contract: 0 problem(s)" in out and report["stage"] is None
+    n = report["rows_generated"]
+    assert n == 6 - report["fallback"] and out.strip().splitlines()[-1].startswith(f"{n} of 6 rows generated")
 
 
 @pytest.mark.slow
@@ -73,6 +76,25 @@ def test_a_broken_bundle_still_leaves_the_fallback_submission(tiny_model_dir, tm
     prompts = assert_valid_submission(kaggle / "working" / "submission.csv", ids)
     assert "install failed" in out and "submission OK: 6 rows" in out
     assert len(set(prompts)) == 1
+    report = json.loads((kaggle / "working" / "report.json").read_text())
+    assert report["stage"] == "install" and report["error_type"] == "InstallError"
+    assert report["error_message"].startswith("pip exit 1: ") and report["rows_generated"] == 0
+    last = out.strip().splitlines()[-1]
+    assert last == report["last_line"] and last.startswith("0 of 6 rows generated: install: pip exit 1: ")
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_load_is_reported_with_its_stage(tiny_model_dir, tmp_path, monkeypatch):
+    kaggle, ids = kaggle_layout(tmp_path, tiny_model_dir)
+    for weights in (kaggle / "input" / "prompt-recovery-bundle" / "model").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    out = execute(kaggle, tmp_path, monkeypatch)
+    assert_valid_submission(kaggle / "working" / "submission.csv", ids)
+    report = json.loads((kaggle / "working" / "report.json").read_text())
+    assert report["stage"] == "model load" and report["error_type"] and report["rows_generated"] == 0
+    assert report["fallback"] == 6 and report["model"] == {}  # predict's own report is inside
+    last = out.strip().splitlines()[-1]
+    assert last == f"0 of 6 rows generated: model load: {report['error_message']}" == report["last_line"]
 
 
 @pytest.mark.slow

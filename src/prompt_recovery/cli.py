@@ -250,12 +250,19 @@ def run_generate(args: GenerateArgs) -> int:
 
 
 def run_bundle(args: BundleArgs) -> int:
-    from .bundle import bundle
+    from .bundle import bundle, check_interpreter
 
+    if args.check is not None:
+        # Exit 0: the interpreter meets the bundle's contract; 1: it does not (one line per problem).
+        code, text = check_interpreter(args.output, args.check)
+        print(text)
+        return code
     m = bundle(args)
     size = sum(f["bytes"] for f in m["files"]) / 2**20
     print(f"bundle written to {args.output}: {len(m['files'])} files, {size:.1f} MiB, "
           f"{len(m['pinned'])} pinned dependency wheels, adapters {m['adapters'] or 'none'}", file=sys.stderr)
+    taken = ", ".join(f"{k} {v['requires'] or '(any)'}" for k, v in m["from_image"].items())
+    print(f"taken from the image (manifest.json from_image): {taken or 'nothing'}", file=sys.stderr)
     return 0
 
 

@@ -456,13 +456,25 @@ class BundleArgs:
     """default: pinned wheels of the dependencies a Kaggle image may lack; none: only this package."""
     extra_packages: list[str] = field(default_factory=list)
     """Further installed packages to pin and include with their dependencies (repeatable)."""
+    with_image_packages: bool = False
+    """Also ship what a Kaggle image holds (numpy, pandas, scipy, ...; never torch, CUDA): for other machines."""
     python_version: str = "3.11"
     """Python version of the Kaggle image the wheels are for."""
     overwrite: bool = False
     """Replace OUTPUT if it exists."""
+    check: str | None = None
+    """Python to check against the bundle at OUTPUT: does it hold what the bundle takes from the image?"""
 
     def __post_init__(self) -> None:
         _choice("deps", self.deps, ("default", "none"))
+        if self.check is not None:
+            given = [f"--{k.replace('_', '-')}" for k in ("adapter", "model", "members", "mean_prompt", "suffix",
+                                                             "extra_packages", "with_image_packages", "overwrite")
+                     if getattr(self, k)]
+            if given:
+                raise ValueError(f"--check reads an existing bundle and builds nothing: drop {', '.join(given)}")
+            if not self.check.strip():
+                raise ValueError("--check needs a Python interpreter, for example --check /usr/bin/python3")
         if not re.fullmatch(r"3\.\d+", self.python_version):
             raise ValueError(f"python_version must look like 3.11; got {self.python_version!r}")
 

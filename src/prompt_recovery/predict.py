@@ -91,6 +91,13 @@ class Report:
     template: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     error: str | None = None
+    """The failure as one line, ``Type: message`` (None when nothing failed)."""
+    stage: str | None = None
+    """Where it failed: ``model load`` (the members, model and adapters) or ``predict`` (generating)."""
+    error_type: str | None = None
+    """The failure's exception type, e.g. ``ModuleNotFoundError``."""
+    error_message: str | None = None
+    """The failure's whole message."""
     output: str = ""
 
     def read_submission(self):
@@ -220,18 +227,19 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     deadline = start + report.budget_s - args.budget.margin(n)
     rows.write()  # a valid file exists before anything heavy can fail: from here on the output always scores
 
+    where = {"stage": "model load"}  # _answer moves it on; a failure is reported at the stage it reached
     try:
-        todo = _answer(args, rows, report, deadline, clock, loader)
+        todo = _answer(args, rows, report, deadline, clock, loader, where)
     except InputError as exc:
         # The all-fallback file is on disk and scores: the report says why nothing better came (exit 2 follows).
-        report.error = f"{type(exc).__name__}: {one_line(exc)}"
+        _record_failure(report, exc, where["stage"])
         _finish_report(args, report, rows, [], clock() - start)
         raise
     _finish_report(args, report, rows, todo, clock() - start)
     return report
 
 
-def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, clock, loader) -> list[int]:
+def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, clock, loader, where: dict) -> list[int]:
     """Rules, resumed answers, then every member group in turn; returns the rows sent to the models."""
     members, method = resolve_members(args)
     report.combine = method
@@ -266,16 +274,18 @@ def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, cloc
         for g, group in enumerate(plan):
             left = deadline - clock()
             group_deadline = clock() + max(0.0, left) * share_of(group, plan[g:])
+            server = GroupServer(run, group)
             try:
-                GroupServer(run, group).serve(todo, group_deadline)
+                server.serve(todo, group_deadline)
             except InputError as exc:
+                where["stage"] = server.stage
                 if len(plan) == 1:
                     raise  # the one model or adapter the run has is unusable: the user's to fix (exit 2)
                 # A spec's later member that does not fit must not end the members that do.
-                _group_failed(report, rows, todo, group, exc, "input")
+                _group_failed(report, rows, todo, group, exc, "input", server.stage)
             except Exception as exc:  # the file on disk is complete; this group's rows keep what others gave
                 log.debug("member group failed", exc_info=True)
-                _group_failed(report, rows, todo, group, exc, "error")
+                _group_failed(report, rows, todo, group, exc, "error", server.stage)
             finally:
                 _release_memory()
                 report.members = [asdict(r) for r in reports.values()]
@@ -301,12 +311,16 @@ def _finish_report(args: PredictArgs, report: Report, rows: Rows, todo: list[int
             json.dump(asdict(report), f, indent=2)
 
 
+def _record_failure(report: Report, exc: BaseException, stage: str) -> None:
+    report.stage, report.error_type, report.error_message = stage, type(exc).__name__, one_line(exc)
+    report.error = f"{report.error_type}: {report.error_message}"
+
+
 def _group_failed(report: Report, rows: Rows, todo: list[int], group: list[Member], exc: Exception,
-                  kind: str) -> None:
-    what = f"{type(exc).__name__}: {one_line(exc)}"
-    log.warning("member(s) %s failed (%s); their rows keep other members' answers or the fallback",
-                ", ".join(m.name for m in group), what)
-    report.error = what
+                  kind: str, stage: str) -> None:
+    _record_failure(report, exc, stage)
+    log.warning("member(s) %s failed at %s (%s); their rows keep other members' answers or the fallback",
+                ", ".join(m.name for m in group), stage, report.error)
     for i in todo:
         rows.fall_back(i, f"{kind}: {type(exc).__name__}")
 
@@ -396,6 +410,8 @@ class GroupServer:
         self.loaded = None
         self.prefix: dict[int, str] = {}
         """Member rank -> the answer prefix its template puts before the answer (stripped by clean)."""
+        self.stage = "model load"
+        """Where a failure of this group is reported: ``model load`` until its model is loaded, then ``predict``."""
 
     def serve(self, todo: list[int], deadline: float) -> None:
         keys = self.keys_to_answer(todo)
@@ -404,6 +420,7 @@ class GroupServer:
         self.loaded = self.load_before(deadline, keys)
         if self.loaded is None:
             return
+        self.stage = "predict"  # the model and its adapters are loaded: what fails from here fails generating
         requests = self.requests(keys)
         self.generate(requests, deadline)
 
