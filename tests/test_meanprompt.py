@@ -20,6 +20,8 @@ from prompt_recovery.meanprompt import (
     Perplexity,
     SuffixObjective,
     function_word_guard,
+    Problem,
+    SearchConfig,
     optimize,
     search,
     split_holdout,
@@ -77,7 +79,7 @@ def test_held_out_prompts_pick_the_result_and_stop_the_search():
     e = StubEmbedder()
     objective, holdout = MeanObjective(e, train_gold), MeanObjective(e, held_gold)
     starts = ["improve the text to this", "rewrite this as a poem please"]
-    r = search(objective, starts, VOCAB, holdout=holdout, rounds=60, per_round=32, patience=5, seed=1)
+    r = search(Problem(objective, starts, holdout), VOCAB, SearchConfig(rounds=60, per_round=32, patience=5, seed=1))
     best_start_held = max(float(holdout([s])[0]) for s in starts)
     assert r.heldout == pytest.approx(float(holdout([r.best])[0]))
     assert r.heldout >= best_start_held - 1e-12
@@ -93,8 +95,8 @@ def test_result_is_the_best_held_out_string_among_starts_and_beams():
     train_gold, held_gold = ["make it formal please"], ["make it formal", "make it a poem"]
     e = StubEmbedder()
     objective, holdout = MeanObjective(e, train_gold), MeanObjective(e, held_gold)
-    r = search(objective, ["improve the text to this"], VOCAB, holdout=holdout, rounds=30, per_round=32,
-               patience=30, seed=2)
+    r = search(Problem(objective, ["improve the text to this"], holdout), VOCAB,
+               SearchConfig(rounds=30, per_round=32, patience=30, seed=2))
     seen = [r.start, *(m.text for m in r.moves)]
     assert len(seen) > 3
     assert r.heldout == pytest.approx(float(holdout([r.best])[0]))
@@ -104,8 +106,8 @@ def test_result_is_the_best_held_out_string_among_starts_and_beams():
 def test_accepted_moves_are_reported_with_true_scores():
     e = StubEmbedder()
     objective, holdout = MeanObjective(e, ["make it formal"] * 2), MeanObjective(e, ["make it a poem"])
-    r = search(objective, ["improve the text to this"], VOCAB, holdout=holdout, rounds=25, per_round=32,
-               patience=25, seed=0)
+    r = search(Problem(objective, ["improve the text to this"], holdout), VOCAB,
+               SearchConfig(rounds=25, per_round=32, patience=25, seed=0))
     assert r.moves[0].move == "start" and len(r.moves) > 2
     trains = [m.train for m in r.moves]
     assert all(b > a for a, b in zip(trains, trains[1:]))  # each accepted move raised the training score
@@ -118,8 +120,8 @@ def test_accepted_moves_are_reported_with_true_scores():
 def test_fluency_guard_keeps_rejected_candidates_out_of_the_beams():
     e = StubEmbedder()
     objective = MeanObjective(e, ["make it formal formal"])
-    r = search(objective, ["improve the text"], VOCAB, accept=lambda c: ["formal" not in t for t in c],
-               rounds=30, per_round=32, patience=30)
+    r = search(Problem(objective, ["improve the text"], accept=lambda c: ["formal" not in t for t in c]), VOCAB,
+               SearchConfig(rounds=30, per_round=32, patience=30))
     assert r.rejected > 0
     assert all("formal" not in m.text for m in r.moves) and "formal" not in r.best
 
@@ -181,7 +183,7 @@ def test_optimize_with_val_writes_the_best_held_out_string_never_below_the_best_
     train = _prompts(tmp_path / "t.csv", [(i, "make it formal") for i in range(4)] + [(9, "improve the text")])
     val = _prompts(tmp_path / "v.csv", [(1, "rewrite this as a poem"), (2, "make it a poem")])
     embedders = [StubEmbedder(name="a"), StubEmbedder(weights=np.linspace(0.5, 2, len(VOCAB)), name="b")]
-    report = optimize(_args(tmp_path, prompts_csv=train, val=val, patience=4), embedders)
+    report = optimize(_args(tmp_path, prompts_csv=train, val=val, patience=4, folds=0), embedders)
     written = (tmp_path / "out.txt").read_text().strip()
     assert written == report["best"]
     held = Combined([MeanObjective(e, ["rewrite this as a poem", "make it a poem"]) for e in embedders], "mean",
@@ -205,7 +207,7 @@ def test_suffix_search_holds_rows_out(tmp_path):
     gold = _prompts(tmp_path / "g.csv", list(enumerate(["make it formal", "make it formal please", "make this formal",
                                                         "make the text formal", "rewrite it formal", "formal"])))
     preds = _prompts(tmp_path / "p.csv", [(i, "make it") for i in range(6)])
-    report = optimize(_args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5), [StubEmbedder()])
+    report = optimize(_args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5, folds=0), [StubEmbedder()])
     assert report["mode"] == "suffix" and report["train_rows"] + report["heldout_rows"] == 6
     assert "formal" in report["best"].split()
     assert report["heldout"] > report["scores"]["no suffix"]["heldout"]["combined"]
