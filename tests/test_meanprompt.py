@@ -294,3 +294,96 @@ def test_fluency_guards_combine_and_a_candidate_must_pass_all(tmp_path, monkeypa
         assert accept(texts) == want
         assert report["fluency"]["guards"] == ["function-words", "perplexity"]
     assert OptimizeArgs(prompts_csv="x", fluency=["none"]).fluency == []
+
+
+# --- choosing the result by cross-validation ------------------------------------------------------------------------
+
+def test_evidence_rejects_a_gain_from_two_prompts_and_samples_prompts_not_rows():
+    from prompt_recovery.meanprompt import GateConfig, evidence
+
+    cfg = GateConfig(drop_top=2)
+    keys = [f"p{k}" for k in range(10)]
+    two = evidence(np.array([1.0, 1.0] + [-0.05] * 8), keys, cfg)
+    assert two["gain"] == pytest.approx(0.16) and two["without_top"] == pytest.approx(-0.05)
+    broad = evidence(np.full(10, 0.1) + np.linspace(-0.02, 0.02, 10), keys, cfg)
+    assert broad["lower"] > 0 and broad["without_top"] > 0
+    # One prompt over five rows is one prompt: dropping the top two prompts drops all five of its rows.
+    skewed = evidence(np.array([0.5] * 5 + [-0.01] * 5), ["a"] * 5 + [f"q{k}" for k in range(5)], cfg)
+    assert skewed["gain"] > 0 and skewed["without_top"] == pytest.approx(-0.01)
+
+
+def test_trimmed_objective_leaves_out_the_best_prompts_with_all_their_rows():
+    e = StubEmbedder()
+    gold = ["make it a poem"] * 3 + ["make it formal", "improve the text", "rewrite this as a poem"]
+    plain, trimmed = MeanObjective(e, gold), MeanObjective(e, gold, trim=1)
+    per = plain.per_prompt(["make it a poem"])[0]
+    assert trimmed(["make it a poem"])[0] == pytest.approx(per[3:].mean())  # the three copies go together
+    assert plain(["make it a poem"])[0] == pytest.approx(per.mean())
+
+
+SKEWED_VOCAB = [*VOCAB, "convert", "into", "haiku", "story", "letter", "song", "friendly", "shorter", "plain"]
+
+
+def _skewed(tmp_path):
+    # A small set where one prompt fills a sixth of the rows (the haiku of the issue) and the rest vary.
+    rows = ["convert this into a haiku"] * 4 + [f"rewrite the text as a {f}" for f in ("poem", "story", "letter")]
+    rows += [f"make the text {w} {f}" for w in ("formal", "friendly", "shorter", "plain") for f in ("song", "story")]
+    rows += [f"improve the {f} to be {w}" for w in ("formal", "friendly", "shorter") for f in ("song", "story")]
+    return _prompts(tmp_path / "s.csv", list(enumerate(rows)))
+
+
+def test_small_skewed_set_falls_back_to_the_baseline_when_the_search_does_not_hold(tmp_path, monkeypatch):
+    from prompt_recovery import meanprompt
+
+    def copies_the_haiku(problem, moves, config=None, **_):
+        # A search that overfits as the held-out pick did: it returns a training prompt that fills many rows.
+        best = "convert this into a haiku"
+        score = float(problem.objective([best])[0])
+        return meanprompt.SearchResult(best, score, best, score, 1, 1, 0.0)
+
+    monkeypatch.setattr(meanprompt, "search", copies_the_haiku)
+    report = optimize(_args(tmp_path, prompts_csv=_skewed(tmp_path)), [BagOfWords(SKEWED_VOCAB)])
+    assert report["search_best"] == "convert this into a haiku"
+    assert report["best"] == "Improve the text to this." == (tmp_path / "out.txt").read_text().strip()
+    sel = report["selection"]
+    assert sel["adopted"] is False and sel["folds"] == 5 and sel["prompts"] == 18
+    assert "too weak" in sel["reason"] and sel["evidence"][0]["without_top"] < 0
+
+
+def test_small_skewed_set_with_the_real_search_is_never_below_the_baseline_elsewhere(tmp_path):
+    other = ["rewrite the text as a song", "make the text plain poem", "improve the letter to be plain",
+             "make the text friendly letter", "rewrite the text as a poem please"]
+    e = BagOfWords(SKEWED_VOCAB)
+    report = optimize(_args(tmp_path, prompts_csv=_skewed(tmp_path)), [e])
+    held = MeanObjective(e, other)
+    assert held([report["best"]])[0] >= held(["Improve the text to this."])[0] - 1e-12
+
+
+def test_a_result_that_wins_on_every_prompt_is_adopted_and_reported(tmp_path, capsys):
+    rows = [f"make it formal {w}" for w in ("please", "poem", "text", "this", "a", "to", "the", "as")]
+    path = _prompts(tmp_path / "f.csv", list(enumerate(rows)))
+    args = _args(tmp_path, prompts_csv=path, rounds=10, report=str(tmp_path / "r.json"))
+    report = optimize(args, [StubEmbedder()])
+    assert report["selection"]["adopted"] is True and report["best"] == report["search_best"]
+    assert {"make", "formal"} <= set(report["best"].split())
+    ev = report["selection"]["evidence"][0]
+    assert ev["gain"] > 0.02 and ev["lower"] > 0 and ev["without_top"] > 0
+    assert len(report["selection"]["fold_results"]) == 5
+
+
+def test_too_few_prompts_to_cross_validate_write_the_baseline(tmp_path):
+    path = _prompts(tmp_path / "t.csv", [(1, "make it formal"), (2, "make it formal please"), (3, "make formal")])
+    report = optimize(_args(tmp_path, prompts_csv=path), [StubEmbedder()])
+    assert report["best"] == "Improve the text to this." and "too few" in report["selection"]["reason"]
+
+
+def test_cli_says_why_the_result_was_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(score, "Embedder", lambda path=None, *a, **k: StubEmbedder(name="s"))
+    path = _prompts(tmp_path / "t.csv", [(1, "make it formal"), (2, "a poem"), (3, "make formal")])
+    assert main(["optimize-prompt", path, "-o", str(tmp_path / "o.txt"), "--rounds", "2", "--no-progress"]) == 0
+    assert re.search(r"written: the baseline 'Improve the text to this.'; 5-fold cross-validation over 3 prompts: "
+                     r"3 distinct prompts are too few", capsys.readouterr().err)
+    assert main(["optimize-prompt", path, "--folds", "1"]) == 2
+    assert main(["optimize-prompt", path, "--vocabulary", "embedder", "--predictions", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "folds" in err[0] and "suffix" in err[1]

@@ -67,9 +67,10 @@ class MeanObjective:
     """Mean sharpened cosine of one candidate string against every gold prompt, under one embedder.
 
     ``cache`` (text -> embedding) may be shared with another MeanObjective of the same embedder, so that
-    scoring a candidate on held-out prompts (or on another fold) costs no second embedding. ``trim`` drops each
-    candidate's ``trim`` best per-prompt scores before the mean: a candidate that copies one or two gold prompts
-    (a training prompt as a start scores 1.0 on itself) must then win on the others to win at all.
+    scoring a candidate on held-out prompts (or on another fold) costs no second embedding. ``trim`` leaves out,
+    for each candidate, the rows of the ``trim`` distinct gold prompts it scores best on: a candidate that copies
+    one or two gold prompts (a training prompt as a start scores 1.0 on every row of itself, and a skewed set
+    repeats one prompt over many rows) must then win on the others to win at all.
     """
 
     def __init__(self, embedder, gold: Sequence[str], cache: dict | None = None, trim: int = 0) -> None:
@@ -78,10 +79,13 @@ class MeanObjective:
         self.embedder = embedder
         self._embed = CachedEmbed(embedder.embed, cache)
         self.gold = embedder.embed(list(gold))
-        self.trim = trim if len(gold) > trim else 0
+        index = {g: k for k, g in enumerate(dict.fromkeys(gold))}
+        self.trim = trim if len(index) > trim else 0
+        self.groups = np.zeros((len(gold), len(index)))  # row -> its distinct prompt, for the trim
+        self.groups[np.arange(len(gold)), [index[g] for g in gold]] = 1.0
 
     def per_prompt(self, candidates: Sequence[str]) -> np.ndarray:
-        """Sharpened cosines with shape (candidates, gold prompts)."""
+        """Sharpened cosines with shape (candidates, gold rows)."""
         from .score import sharpened_cosine_matrix
 
         return sharpened_cosine_matrix(self._embed(list(candidates)), self.gold)
@@ -90,9 +94,13 @@ class MeanObjective:
         candidates = list(candidates)
         ok = np.array(_fits(self.embedder, candidates))
         per = self.per_prompt(candidates)
-        if self.trim:
-            per = np.sort(per, axis=1)[:, : per.shape[1] - self.trim]
-        return np.where(ok, per.mean(axis=1), -np.inf)
+        if not self.trim:
+            return np.where(ok, per.mean(axis=1), -np.inf)
+        totals = per @ self.groups  # (candidates, distinct prompts): each prompt's summed score over its rows
+        counts = np.broadcast_to(self.groups.sum(axis=0), totals.shape)
+        keep = np.argsort(-totals, axis=1, kind="stable")[:, self.trim:]
+        kept = np.take_along_axis(totals, keep, 1).sum(1) / np.take_along_axis(counts, keep, 1).sum(1)
+        return np.where(ok, kept, -np.inf)
 
 
 class SuffixObjective:
@@ -831,7 +839,7 @@ def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None
     gate = cross_validate(searcher, _search_config(args, runs), gate_cfg) if gate_cfg.folds else None
     chosen = result.best if gate is None or gate.adopted else task.baseline
     report["selection"] = ({"by": "none (--folds 0)", "adopted": True} if gate is None else
-                           {"by": f"{gate.folds}-fold cross-validation", **asdict(gate)})
+                           {"by": f"{gate_cfg.folds}-fold cross-validation", **asdict(gate)})
     report.update(_result_report(result, chosen, objective, holdout))
     report["scores"] = _score_table(task, result, chosen, objective, holdout)
     _write(args, chosen, report)
