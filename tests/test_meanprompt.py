@@ -387,3 +387,91 @@ def test_cli_says_why_the_result_was_written(tmp_path, monkeypatch, capsys):
     assert main(["optimize-prompt", path, "--vocabulary", "embedder", "--predictions", path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "folds" in err[0] and "suffix" in err[1]
+
+
+# --- token moves under the embedder's gradient ----------------------------------------------------------------------
+
+TINY_WORDS = ["make", "it", "formal", "poem", "rewrite", "this", "as", "a", "text", "the", "improve", "to", "song",
+              "story", ".", "##s", "##ly"]
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tmp_path_factory):
+    """A tiny BertModel sentence-transformer (mean pooling, normalised), saved and loaded like a real one."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]) + "\n")
+    BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(str(root / "bert"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(TINY_WORDS) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(root / "bert"))
+    st = SentenceTransformer(modules=[Transformer(str(root / "bert")), Pooling(16, pooling_mode="mean"), Normalize()],
+                             device="cpu")
+    st.save(str(root / "st"))
+    return score.Embedder(str(root / "st"))
+
+
+def test_token_moves_embed_as_the_scorer_does_and_their_gradient_is_the_objective_s(tiny_embedder):
+    import torch
+
+    from prompt_recovery.tokensearch import TokenMoves
+
+    gold = ["make it formal", "rewrite this as a poem", "make it a song"]
+    moves = TokenMoves(tiny_embedder, gold, top_k=4)
+    ids = moves.ids("improve the text")
+    want = tiny_embedder.embed(["improve the text"])[0]
+    assert float(moves.embedding(ids).detach() @ torch.tensor(want)) == pytest.approx(1.0, abs=1e-5)
+    slots = ids + moves.filler
+    grad = moves.gradient(ids)
+    base = torch.nn.functional.one_hot(torch.tensor(slots), moves.weight.shape[0]).double()
+    gold_emb = moves.gold.double()
+
+    def objective(one_hot):
+        cos = gold_emb @ moves.embedding(slots, one_hot.to(moves.weight.dtype)).double()
+        return float((cos ** 3).mean())
+
+    # The one-hot gradient predicts the change of moving weight from the current token to another (first order).
+    for pos, tok in [(0, 9), (2, 18), (len(ids), 7)]:
+        step = torch.zeros_like(base)
+        step[pos, slots[pos]], step[pos, tok] = -1.0, 1.0
+        eps = 1e-3
+        numeric = (objective(base + eps * step) - objective(base - eps * step)) / (2 * eps)
+        assert float(grad[pos, tok] - grad[pos, slots[pos]]) == pytest.approx(numeric, rel=0.05, abs=1e-6)
+
+
+def test_token_proposals_round_trip_skip_special_tokens_and_follow_the_gradient(tiny_embedder):
+    import random
+
+    from prompt_recovery.tokensearch import TokenMoves
+
+    moves = TokenMoves(tiny_embedder, ["make it formal", "make it a poem"], top_k=3)
+    special = set(moves.tok.all_special_ids)
+    ids, top = moves.top_tokens("improve the text")
+    assert len(top) == len(ids) + 1  # every position, and the append slot
+    grad = moves.gradient(ids)
+    for pos, row in enumerate(top):
+        assert not special & set(row) and (pos == len(ids) or ids[pos] not in row)
+        allowed = [t for t in range(grad.shape[1]) if t not in special and (pos == len(ids) or t != ids[pos])]
+        best = sorted(allowed, key=lambda t: -float(grad[pos, t]))[:3]
+        assert set(row) == set(best)
+    proposals = moves.propose(["improve the text"], 40, random.Random(0))
+    assert proposals
+    for text, how in proposals:
+        assert moves.text(moves.ids(text)) == text and re.match(r"(swap token \d+ for|append token) ", how)
+
+
+def test_vocabulary_embedder_search_climbs_and_cross_validates(tmp_path, tiny_embedder):
+    rows = [f"make it formal {w}" for w in ("poem", "text", "story", "song", "this", "a")]
+    path = _prompts(tmp_path / "t.csv", list(enumerate(rows)))
+    report = optimize(_args(tmp_path, prompts_csv=path, vocabulary="embedder", top_k=8, rounds=6, folds=2),
+                      [tiny_embedder])
+    assert report["vocabulary"] == "embedder" and report["search_score"] >= report["start_score"]
+    assert any(m["move"].startswith(("swap token", "append token")) for m in report["moves"][1:])
+    assert report["selection"]["folds"] == 2 and len(report["selection"]["fold_results"]) == 2
+    with pytest.raises(InputError, match="token embedding table"):
+        optimize(_args(tmp_path, prompts_csv=path, vocabulary="embedder"), [StubEmbedder()])
