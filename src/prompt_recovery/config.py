@@ -285,7 +285,7 @@ class OptimizeArgs:
     patience: int = 12
     """Stop after this many rounds without improvement (on the held-out prompts where there are some)."""
     folds: int = 5
-    """Cross-validation folds of the prompts: the result replaces the baseline only if it wins out of fold; 0: no check."""
+    """Cross-validation folds of the prompts: the result replaces the baseline only if it wins out of fold; 0: off."""
     margin: float = 0.02
     """Least out-of-fold mean gain over the baseline, as a share of the baseline's score."""
     confidence: float = 0.95
