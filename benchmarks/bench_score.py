@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=128)
     opts = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from prompt_recovery.meanprompt import Combined, MeanObjective, build_vocabulary, search
+    from prompt_recovery.meanprompt import Combined, MeanObjective, Problem, SearchConfig, build_vocabulary, search
     from prompt_recovery.score import Embedder, read_prompts, score_pairs
 
     embedders = [Embedder(e, device=opts.device) for e in (opts.embedder or ["packaged"])]
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         print(f"| score {len(rows)} rows (embed both sides + metric), {embedder.label} "
               f"| {score_s:.2f} s ({mean:.4f}) |")
     objective = Combined([MeanObjective(e, gold) for e in embedders])
-    result = search(objective, ["Improve the text to this."], build_vocabulary(gold), rounds=opts.rounds,
-                    per_round=opts.per_round, patience=opts.rounds + 1)
+    result = search(Problem(objective, ["Improve the text to this."]), build_vocabulary(gold),
+                    SearchConfig(rounds=opts.rounds, per_round=opts.per_round, patience=opts.rounds + 1))
     names = " + ".join(e.name for e in embedders)
     print(f"| optimizer candidates scored per second ({len(gold)} gold prompts; {names}) "
           f"| {result.candidates_per_s:.0f} |")

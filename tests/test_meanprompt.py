@@ -18,6 +18,8 @@ from prompt_recovery.meanprompt import (
     Combined,
     MeanObjective,
     Perplexity,
+    Problem,
+    SearchConfig,
     SuffixObjective,
     function_word_guard,
     optimize,
@@ -77,7 +79,7 @@ def test_held_out_prompts_pick_the_result_and_stop_the_search():
     e = StubEmbedder()
     objective, holdout = MeanObjective(e, train_gold), MeanObjective(e, held_gold)
     starts = ["improve the text to this", "rewrite this as a poem please"]
-    r = search(objective, starts, VOCAB, holdout=holdout, rounds=60, per_round=32, patience=5, seed=1)
+    r = search(Problem(objective, starts, holdout), VOCAB, SearchConfig(rounds=60, per_round=32, patience=5, seed=1))
     best_start_held = max(float(holdout([s])[0]) for s in starts)
     assert r.heldout == pytest.approx(float(holdout([r.best])[0]))
     assert r.heldout >= best_start_held - 1e-12
@@ -93,8 +95,8 @@ def test_result_is_the_best_held_out_string_among_starts_and_beams():
     train_gold, held_gold = ["make it formal please"], ["make it formal", "make it a poem"]
     e = StubEmbedder()
     objective, holdout = MeanObjective(e, train_gold), MeanObjective(e, held_gold)
-    r = search(objective, ["improve the text to this"], VOCAB, holdout=holdout, rounds=30, per_round=32,
-               patience=30, seed=2)
+    r = search(Problem(objective, ["improve the text to this"], holdout), VOCAB,
+               SearchConfig(rounds=30, per_round=32, patience=30, seed=2))
     seen = [r.start, *(m.text for m in r.moves)]
     assert len(seen) > 3
     assert r.heldout == pytest.approx(float(holdout([r.best])[0]))
@@ -104,8 +106,8 @@ def test_result_is_the_best_held_out_string_among_starts_and_beams():
 def test_accepted_moves_are_reported_with_true_scores():
     e = StubEmbedder()
     objective, holdout = MeanObjective(e, ["make it formal"] * 2), MeanObjective(e, ["make it a poem"])
-    r = search(objective, ["improve the text to this"], VOCAB, holdout=holdout, rounds=25, per_round=32,
-               patience=25, seed=0)
+    r = search(Problem(objective, ["improve the text to this"], holdout), VOCAB,
+               SearchConfig(rounds=25, per_round=32, patience=25, seed=0))
     assert r.moves[0].move == "start" and len(r.moves) > 2
     trains = [m.train for m in r.moves]
     assert all(b > a for a, b in zip(trains, trains[1:]))  # each accepted move raised the training score
@@ -118,8 +120,8 @@ def test_accepted_moves_are_reported_with_true_scores():
 def test_fluency_guard_keeps_rejected_candidates_out_of_the_beams():
     e = StubEmbedder()
     objective = MeanObjective(e, ["make it formal formal"])
-    r = search(objective, ["improve the text"], VOCAB, accept=lambda c: ["formal" not in t for t in c],
-               rounds=30, per_round=32, patience=30)
+    r = search(Problem(objective, ["improve the text"], accept=lambda c: ["formal" not in t for t in c]), VOCAB,
+               SearchConfig(rounds=30, per_round=32, patience=30))
     assert r.rejected > 0
     assert all("formal" not in m.text for m in r.moves) and "formal" not in r.best
 
@@ -181,7 +183,7 @@ def test_optimize_with_val_writes_the_best_held_out_string_never_below_the_best_
     train = _prompts(tmp_path / "t.csv", [(i, "make it formal") for i in range(4)] + [(9, "improve the text")])
     val = _prompts(tmp_path / "v.csv", [(1, "rewrite this as a poem"), (2, "make it a poem")])
     embedders = [StubEmbedder(name="a"), StubEmbedder(weights=np.linspace(0.5, 2, len(VOCAB)), name="b")]
-    report = optimize(_args(tmp_path, prompts_csv=train, val=val, patience=4), embedders)
+    report = optimize(_args(tmp_path, prompts_csv=train, val=val, patience=4, folds=0), embedders)
     written = (tmp_path / "out.txt").read_text().strip()
     assert written == report["best"]
     held = Combined([MeanObjective(e, ["rewrite this as a poem", "make it a poem"]) for e in embedders], "mean",
@@ -205,7 +207,7 @@ def test_suffix_search_holds_rows_out(tmp_path):
     gold = _prompts(tmp_path / "g.csv", list(enumerate(["make it formal", "make it formal please", "make this formal",
                                                         "make the text formal", "rewrite it formal", "formal"])))
     preds = _prompts(tmp_path / "p.csv", [(i, "make it") for i in range(6)])
-    report = optimize(_args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5), [StubEmbedder()])
+    report = optimize(_args(tmp_path, prompts_csv=gold, predictions=preds, holdout=0.5, folds=0), [StubEmbedder()])
     assert report["mode"] == "suffix" and report["train_rows"] + report["heldout_rows"] == 6
     assert "formal" in report["best"].split()
     assert report["heldout"] > report["scores"]["no suffix"]["heldout"]["combined"]
@@ -292,3 +294,184 @@ def test_fluency_guards_combine_and_a_candidate_must_pass_all(tmp_path, monkeypa
         assert accept(texts) == want
         assert report["fluency"]["guards"] == ["function-words", "perplexity"]
     assert OptimizeArgs(prompts_csv="x", fluency=["none"]).fluency == []
+
+
+# --- choosing the result by cross-validation ------------------------------------------------------------------------
+
+def test_evidence_rejects_a_gain_from_two_prompts_and_samples_prompts_not_rows():
+    from prompt_recovery.meanprompt import GateConfig, evidence
+
+    cfg = GateConfig(drop_top=2)
+    keys = [f"p{k}" for k in range(10)]
+    two = evidence(np.array([1.0, 1.0] + [-0.05] * 8), keys, cfg)
+    assert two["gain"] == pytest.approx(0.16) and two["without_top"] == pytest.approx(-0.05)
+    broad = evidence(np.full(10, 0.1) + np.linspace(-0.02, 0.02, 10), keys, cfg)
+    assert broad["lower"] > 0 and broad["without_top"] > 0
+    # One prompt over five rows is one prompt: dropping the top two prompts drops all five of its rows.
+    skewed = evidence(np.array([0.5] * 5 + [-0.01] * 5), ["a"] * 5 + [f"q{k}" for k in range(5)], cfg)
+    assert skewed["gain"] > 0 and skewed["without_top"] == pytest.approx(-0.01)
+
+
+def test_trimmed_objective_leaves_out_the_best_prompts_with_all_their_rows():
+    e = StubEmbedder()
+    gold = ["make it a poem"] * 3 + ["make it formal", "improve the text", "rewrite this as a poem"]
+    plain, trimmed = MeanObjective(e, gold), MeanObjective(e, gold, trim=1)
+    per = plain.per_prompt(["make it a poem"])[0]
+    assert trimmed(["make it a poem"])[0] == pytest.approx(per[3:].mean())  # the three copies go together
+    assert plain(["make it a poem"])[0] == pytest.approx(per.mean())
+
+
+SKEWED_VOCAB = [*VOCAB, "convert", "into", "haiku", "story", "letter", "song", "friendly", "shorter", "plain"]
+
+
+def _skewed(tmp_path):
+    # A small set where one prompt fills a sixth of the rows (the haiku of the issue) and the rest vary.
+    rows = ["convert this into a haiku"] * 4 + [f"rewrite the text as a {f}" for f in ("poem", "story", "letter")]
+    rows += [f"make the text {w} {f}" for w in ("formal", "friendly", "shorter", "plain") for f in ("song", "story")]
+    rows += [f"improve the {f} to be {w}" for w in ("formal", "friendly", "shorter") for f in ("song", "story")]
+    return _prompts(tmp_path / "s.csv", list(enumerate(rows)))
+
+
+def test_small_skewed_set_falls_back_to_the_baseline_when_the_search_does_not_hold(tmp_path, monkeypatch):
+    from prompt_recovery import meanprompt
+
+    def copies_the_haiku(problem, moves, config=None, **_):
+        # A search that overfits as the held-out pick did: it returns a training prompt that fills many rows.
+        best = "convert this into a haiku"
+        score = float(problem.objective([best])[0])
+        return meanprompt.SearchResult(best, score, best, score, 1, 1, 0.0)
+
+    monkeypatch.setattr(meanprompt, "search", copies_the_haiku)
+    report = optimize(_args(tmp_path, prompts_csv=_skewed(tmp_path)), [BagOfWords(SKEWED_VOCAB)])
+    assert report["search_best"] == "convert this into a haiku"
+    assert report["best"] == "Improve the text to this." == (tmp_path / "out.txt").read_text().strip()
+    sel = report["selection"]
+    assert sel["adopted"] is False and sel["folds"] == 5 and sel["prompts"] == 18
+    assert "too weak" in sel["reason"] and sel["evidence"][0]["without_top"] < 0
+
+
+def test_small_skewed_set_with_the_real_search_is_never_below_the_baseline_elsewhere(tmp_path):
+    other = ["rewrite the text as a song", "make the text plain poem", "improve the letter to be plain",
+             "make the text friendly letter", "rewrite the text as a poem please"]
+    e = BagOfWords(SKEWED_VOCAB)
+    report = optimize(_args(tmp_path, prompts_csv=_skewed(tmp_path)), [e])
+    held = MeanObjective(e, other)
+    assert held([report["best"]])[0] >= held(["Improve the text to this."])[0] - 1e-12
+
+
+def test_a_result_that_wins_on_every_prompt_is_adopted_and_reported(tmp_path, capsys):
+    rows = [f"make it formal {w}" for w in ("please", "poem", "text", "this", "a", "to", "the", "as")]
+    path = _prompts(tmp_path / "f.csv", list(enumerate(rows)))
+    args = _args(tmp_path, prompts_csv=path, rounds=10, report=str(tmp_path / "r.json"))
+    report = optimize(args, [StubEmbedder()])
+    assert report["selection"]["adopted"] is True and report["best"] == report["search_best"]
+    assert {"make", "formal"} <= set(report["best"].split())
+    ev = report["selection"]["evidence"][0]
+    assert ev["gain"] > 0.02 and ev["lower"] > 0 and ev["without_top"] > 0
+    assert len(report["selection"]["fold_results"]) == 5
+
+
+def test_too_few_prompts_to_cross_validate_write_the_baseline(tmp_path):
+    path = _prompts(tmp_path / "t.csv", [(1, "make it formal"), (2, "make it formal please"), (3, "make formal")])
+    report = optimize(_args(tmp_path, prompts_csv=path), [StubEmbedder()])
+    assert report["best"] == "Improve the text to this." and "too few" in report["selection"]["reason"]
+
+
+def test_cli_says_why_the_result_was_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(score, "Embedder", lambda path=None, *a, **k: StubEmbedder(name="s"))
+    path = _prompts(tmp_path / "t.csv", [(1, "make it formal"), (2, "a poem"), (3, "make formal")])
+    assert main(["optimize-prompt", path, "-o", str(tmp_path / "o.txt"), "--rounds", "2", "--no-progress"]) == 0
+    assert re.search(r"written: the baseline 'Improve the text to this.'; 5-fold cross-validation over 3 prompts: "
+                     r"3 distinct prompts are too few", capsys.readouterr().err)
+    assert main(["optimize-prompt", path, "--folds", "1"]) == 2
+    assert main(["optimize-prompt", path, "--vocabulary", "embedder", "--predictions", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "folds" in err[0] and "suffix" in err[1]
+
+
+# --- token moves under the embedder's gradient ----------------------------------------------------------------------
+
+TINY_WORDS = ["make", "it", "formal", "poem", "rewrite", "this", "as", "a", "text", "the", "improve", "to", "song",
+              "story", ".", "##s", "##ly"]
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tmp_path_factory):
+    """A tiny BertModel sentence-transformer (mean pooling, normalised), saved and loaded like a real one."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]) + "\n")
+    BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(str(root / "bert"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(TINY_WORDS) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(root / "bert"))
+    st = SentenceTransformer(modules=[Transformer(str(root / "bert")), Pooling(16, pooling_mode="mean"), Normalize()],
+                             device="cpu")
+    st.save(str(root / "st"))
+    return score.Embedder(str(root / "st"))
+
+
+def test_token_moves_embed_as_the_scorer_does_and_their_gradient_is_the_objective_s(tiny_embedder):
+    import torch
+
+    from prompt_recovery.tokensearch import TokenMoves
+
+    gold = ["make it formal", "rewrite this as a poem", "make it a song"]
+    moves = TokenMoves(tiny_embedder, gold, top_k=4)
+    ids = moves.ids("improve the text")
+    want = tiny_embedder.embed(["improve the text"])[0]
+    assert float(moves.embedding(ids).detach() @ torch.tensor(want)) == pytest.approx(1.0, abs=1e-5)
+    slots = ids + moves.filler
+    grad = moves.gradient(ids)
+    base = torch.nn.functional.one_hot(torch.tensor(slots), moves.weight.shape[0]).double()
+    gold_emb = moves.gold.double()
+
+    def objective(one_hot):
+        cos = gold_emb @ moves.embedding(slots, one_hot.to(moves.weight.dtype)).double()
+        return float((cos ** 3).mean())
+
+    # The one-hot gradient predicts the change of moving weight from the current token to another (first order).
+    for pos, tok in [(0, 9), (2, 18), (len(ids), 7)]:
+        step = torch.zeros_like(base)
+        step[pos, slots[pos]], step[pos, tok] = -1.0, 1.0
+        eps = 1e-3
+        numeric = (objective(base + eps * step) - objective(base - eps * step)) / (2 * eps)
+        assert float(grad[pos, tok] - grad[pos, slots[pos]]) == pytest.approx(numeric, rel=0.05, abs=1e-6)
+
+
+def test_token_proposals_round_trip_skip_special_tokens_and_follow_the_gradient(tiny_embedder):
+    import random
+
+    from prompt_recovery.tokensearch import TokenMoves
+
+    moves = TokenMoves(tiny_embedder, ["make it formal", "make it a poem"], top_k=3)
+    special = set(moves.tok.all_special_ids)
+    ids, top = moves.top_tokens("improve the text")
+    assert len(top) == len(ids) + 1  # every position, and the append slot
+    grad = moves.gradient(ids)
+    for pos, row in enumerate(top):
+        assert not special & set(row) and (pos == len(ids) or ids[pos] not in row)
+        allowed = [t for t in range(grad.shape[1]) if t not in special and (pos == len(ids) or t != ids[pos])]
+        best = sorted(allowed, key=lambda t: -float(grad[pos, t]))[:3]
+        assert set(row) == set(best)
+    proposals = moves.propose(["improve the text"], 40, random.Random(0))
+    assert proposals
+    for text, how in proposals:
+        assert moves.text(moves.ids(text)) == text and re.match(r"(swap token \d+ for|append token) ", how)
+
+
+def test_vocabulary_embedder_search_climbs_and_cross_validates(tmp_path, tiny_embedder):
+    rows = [f"make it formal {w}" for w in ("poem", "text", "story", "song", "this", "a")]
+    path = _prompts(tmp_path / "t.csv", list(enumerate(rows)))
+    report = optimize(_args(tmp_path, prompts_csv=path, vocabulary="embedder", top_k=8, rounds=6, folds=2),
+                      [tiny_embedder])
+    assert report["vocabulary"] == "embedder" and report["search_score"] >= report["start_score"]
+    assert any(m["move"].startswith(("swap token", "append token")) for m in report["moves"][1:])
+    assert report["selection"]["folds"] == 2 and len(report["selection"]["fold_results"]) == 2
+    with pytest.raises(InputError, match="token embedding table"):
+        optimize(_args(tmp_path, prompts_csv=path, vocabulary="embedder"), [StubEmbedder()])

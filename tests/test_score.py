@@ -10,7 +10,7 @@ from conftest import StubEmbedder
 
 from prompt_recovery.cli import main
 from prompt_recovery.config import OptimizeArgs
-from prompt_recovery.meanprompt import MeanObjective, SuffixObjective, optimize, search
+from prompt_recovery.meanprompt import MeanObjective, Problem, SearchConfig, SuffixObjective, optimize, search
 from prompt_recovery.postprocess import fit_with_suffix
 from prompt_recovery.score import score_pairs, sharpened_cosine, sharpened_cosine_matrix
 
@@ -82,8 +82,9 @@ def test_search_finds_the_known_optimum_and_is_deterministic():
     vocab = ["make", "it", "formal", "please", "improve", "the", "text", "to", "this", "poem", "a"]
     emb = StubEmbedder(vocab)
     objective = MeanObjective(emb, gold)
-    r1 = search(objective, ["Improve the text to this."], vocab, seed=3, rounds=80, per_round=64, patience=40)
-    r2 = search(objective, ["Improve the text to this."], vocab, seed=3, rounds=80, per_round=64, patience=40)
+    config = SearchConfig(seed=3, rounds=80, per_round=64, patience=40)
+    r1 = search(Problem(objective, ["Improve the text to this."]), vocab, config)
+    r2 = search(Problem(objective, ["Improve the text to this."]), vocab, config)
     assert r1.best == r2.best and r1.score == r2.score
     # The optimum of the mean cubed cosine: the words of the common gold prompt, in any order.
     best_possible = max(float(objective([c])[0]) for c in ["make it formal", "make it formal please"])
@@ -95,7 +96,7 @@ def test_candidates_too_long_for_the_embedder_are_never_kept():
     emb = StubEmbedder(["word"])
     emb.max_seq_length = 6
     objective = MeanObjective(emb, ["word word word word word word word word"])
-    r = search(objective, ["word"], ["word"], rounds=30, per_round=16, patience=30)
+    r = search(Problem(objective, ["word"]), ["word"], SearchConfig(rounds=30, per_round=16, patience=30))
     assert len(r.best.split()) + 2 <= 6
 
 
@@ -103,7 +104,7 @@ def test_suffix_search_finds_the_missing_word():
     vocab = ["make", "it", "formal", "poem", "a", "improve"]
     emb = StubEmbedder(vocab)
     objective = SuffixObjective(emb, ["make it", "make it"], ["make it formal", "make it formal"])
-    r = search(objective, [""], vocab, rounds=40, per_round=32, allow_empty=True, patience=40)
+    r = search(Problem(objective, [""]), vocab, SearchConfig(rounds=40, per_round=32, allow_empty=True, patience=40))
     assert "formal" in r.best.split() and r.score > float(objective([""])[0])
 
 
@@ -112,7 +113,7 @@ def test_optimizer_on_real_minilm_never_returns_below_its_best_start(tmp_path):
     prompts.write_text("rewrite_prompt\nMake this formal.\nRewrite this as a poem.\nMake it sound like a pirate.\n"
                        "Turn this into a news report.\nSimplify this text.\n")
     args = OptimizeArgs(prompts_csv=str(prompts), output=str(tmp_path / "mp.txt"), rounds=3, holdout=0,
-                        candidates_per_round=24, progress=False, report=str(tmp_path / "r.json"))
+                        folds=0, trim=0, candidates_per_round=24, progress=False, report=str(tmp_path / "r.json"))
     report = optimize(args)
     base = report["scores"]["Improve the text to this."]["train"]["combined"]
     assert report["score"] >= report["start_score"] >= base - 1e-9

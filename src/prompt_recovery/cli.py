@@ -229,7 +229,21 @@ def run_optimize(args: OptimizeArgs) -> int:
     print(f"  {r['rounds']} rounds (stopped: {r['stopped']}), {r['evaluated']} candidates in {r['seconds']:.1f}s "
           f"({r['candidates_per_s']:.1f}/s), {r['rejected_by_fluency_guard']} rejected by the fluency guard",
           file=err)
+    print("  " + _selection_line(r), file=err)
     return 0
+
+
+def _selection_line(r: dict) -> str:
+    """Why the written string was chosen, and how sure: the cross-validation's verdict and figures."""
+    sel = r["selection"]
+    if "adopted" in sel and "reason" not in sel:
+        return f"written: the search result {r['best']!r} (no cross-validation: --folds 0)"
+    figures = "; ".join(f"out-of-fold gain {e['gain']:+.1%} of the baseline's score, {e['lower']:+.1%} at the "
+                        f"bootstrap lower bound, {e['without_top']:+.1%} without the prompts that gained most"
+                        for e in sel["evidence"])
+    verdict = "the search result" if sel["adopted"] else "the baseline"
+    return (f"written: {verdict} {r['best']!r}; {sel['by']} over {sel['prompts']} prompts: {sel['reason']}"
+            + (f" ({figures})" if figures else ""))
 
 
 def run_train(args: TrainArgs) -> int:

@@ -256,8 +256,8 @@ class OptimizeArgs:
     """Combine the embedders' scores by their mean, or by the lowest (worst) of them."""
     relative: bool = True
     """Divide each embedder's score by its score of the baseline (no suffix) first, so each counts alike."""
-    holdout: float = 0.2
-    """Share of distinct gold prompts (rows, with --predictions) kept out of the search to stop it; 0: none."""
+    holdout: float = 0.0
+    """Share of distinct gold prompts (rows, with --predictions) kept out of each search to stop it; 0: none."""
     val: str | None = None
     """Held-out gold prompts from this CSV instead of --holdout (with --predictions: ids that have predictions)."""
     start: list[str] = field(default_factory=list)
@@ -284,13 +284,27 @@ class OptimizeArgs:
     """Most words in a candidate."""
     patience: int = 12
     """Stop after this many rounds without improvement (on the held-out prompts where there are some)."""
+    folds: int = 5
+    """Cross-validation folds of the prompts: the result replaces the baseline only if it wins out of fold; 0: off."""
+    margin: float = 0.02
+    """Least out-of-fold mean gain over the baseline, as a share of the baseline's score."""
+    confidence: float = 0.95
+    """Confidence of the bootstrap lower bound of the out-of-fold gain, which must be above 0."""
+    drop_top: int = 2
+    """The out-of-fold gain must stay above 0 without this many prompts that gained most."""
+    trim: int = 2
+    """Mean-prompt search: each candidate's this many best training prompts do not count (no win by copying one)."""
+    vocabulary: Literal["words", "embedder", "both"] = "words"
+    """Moves: word edits, swaps of the first embedder's tokens ranked by its gradient, or both."""
+    top_k: int = 64
+    """--vocabulary embedder: tokens per position, by gradient, that swaps are drawn from."""
     report: str | None = None
     """Write the search report as JSON here."""
     progress: bool = True
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "beam_width", "candidates_per_round", "max_words", "patience"):
+        for name in ("rounds", "beam_width", "candidates_per_round", "max_words", "patience", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.time_limit <= 0:
@@ -298,6 +312,13 @@ class OptimizeArgs:
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in [0, 1); got {self.holdout}")
         _choice("objective", self.objective, ("mean", "worst"))
+        _choice("vocabulary", self.vocabulary, ("words", "embedder", "both"))
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"folds must be 0 (no check) or at least 2; got {self.folds}")
+        if self.margin < 0 or self.drop_top < 0 or self.trim < 0:
+            raise ValueError("margin, drop_top and trim must be at least 0")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1); got {self.confidence}")
         self.fluency = [g for g in dict.fromkeys(self.fluency or []) if g != "none"]
         for guard in self.fluency:
             _choice("fluency", guard, ("function-words", "perplexity"))

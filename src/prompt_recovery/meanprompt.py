@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .data import InputError
 from .postprocess import SAFE_TOTAL_WORDS, fit_with_suffix, normalise, shipped_text
+from .tokensearch import MixedMoves, TokenMoves, WordMoves
 
 BASELINE = "Improve the text to this."
 PUBLIC_MEAN_PROMPT = (
@@ -66,23 +67,40 @@ class MeanObjective:
     """Mean sharpened cosine of one candidate string against every gold prompt, under one embedder.
 
     ``cache`` (text -> embedding) may be shared with another MeanObjective of the same embedder, so that
-    scoring a candidate on held-out prompts costs no second embedding.
+    scoring a candidate on held-out prompts (or on another fold) costs no second embedding. ``trim`` leaves out,
+    for each candidate, the rows of the ``trim`` distinct gold prompts it scores best on: a candidate that copies
+    one or two gold prompts (a training prompt as a start scores 1.0 on every row of itself, and a skewed set
+    repeats one prompt over many rows) must then win on the others to win at all.
     """
 
-    def __init__(self, embedder, gold: Sequence[str], cache: dict | None = None) -> None:
+    def __init__(self, embedder, gold: Sequence[str], cache: dict | None = None, trim: int = 0) -> None:
         from .score import CachedEmbed
 
         self.embedder = embedder
-        self.gold = embedder.embed(list(gold))
         self._embed = CachedEmbed(embedder.embed, cache)
+        self.gold = embedder.embed(list(gold))
+        index = {g: k for k, g in enumerate(dict.fromkeys(gold))}
+        self.trim = trim if len(index) > trim else 0
+        self.groups = np.zeros((len(gold), len(index)))  # row -> its distinct prompt, for the trim
+        self.groups[np.arange(len(gold)), [index[g] for g in gold]] = 1.0
 
-    def __call__(self, candidates: Sequence[str]) -> np.ndarray:
+    def per_prompt(self, candidates: Sequence[str]) -> np.ndarray:
+        """Sharpened cosines with shape (candidates, gold rows)."""
         from .score import sharpened_cosine_matrix
 
+        return sharpened_cosine_matrix(self._embed(list(candidates)), self.gold)
+
+    def __call__(self, candidates: Sequence[str]) -> np.ndarray:
         candidates = list(candidates)
         ok = np.array(_fits(self.embedder, candidates))
-        scores = sharpened_cosine_matrix(self._embed(candidates), self.gold).mean(axis=1)
-        return np.where(ok, scores, -np.inf)
+        per = self.per_prompt(candidates)
+        if not self.trim:
+            return np.where(ok, per.mean(axis=1), -np.inf)
+        totals = per @ self.groups  # (candidates, distinct prompts): each prompt's summed score over its rows
+        counts = np.broadcast_to(self.groups.sum(axis=0), totals.shape)
+        keep = np.argsort(-totals, axis=1, kind="stable")[:, self.trim:]
+        kept = np.take_along_axis(totals, keep, 1).sum(1) / np.take_along_axis(counts, keep, 1).sum(1)
+        return np.where(ok, kept, -np.inf)
 
 
 class SuffixObjective:
@@ -93,15 +111,19 @@ class SuffixObjective:
         self.predictions = list(predictions)
         self.gold = embedder.embed(list(gold))
 
-    def __call__(self, suffixes: Sequence[str]) -> np.ndarray:
+    def per_prompt(self, suffixes: Sequence[str]) -> np.ndarray:
+        """Sharpened cosines with shape (suffixes, rows)."""
         from .score import sharpened_cosine
 
         suffixes = list(suffixes)
         texts = [join_suffix(p, s, self.embedder) for s in suffixes for p in self.predictions]
         emb = self.embedder.embed(texts)
-        per_row = sharpened_cosine(emb, np.tile(self.gold, (len(suffixes), 1))).reshape(len(suffixes), -1)
+        return sharpened_cosine(emb, np.tile(self.gold, (len(suffixes), 1))).reshape(len(suffixes), -1)
+
+    def __call__(self, suffixes: Sequence[str]) -> np.ndarray:
+        suffixes = list(suffixes)
         ok = np.array(_fits(self.embedder, suffixes))
-        return np.where(ok, per_row.mean(axis=1), -np.inf)
+        return np.where(ok, self.per_prompt(suffixes).mean(axis=1), -np.inf)
 
 
 class Combined:
@@ -230,6 +252,51 @@ def perplexity_guard(perplexity: Callable[[Sequence[str]], np.ndarray], ceiling:
 # --- the search ---------------------------------------------------------------------------------------------------
 
 @dataclass
+class SearchConfig:
+    """How one beam search runs (everything but what it scores)."""
+
+    seed: int = 0
+    """Random seed: the same seed and inputs give the same result (given deterministic objectives)."""
+    rounds: int = 50
+    """Most rounds of moves."""
+    beam_width: int = 4
+    """Candidates kept after each round."""
+    per_round: int = 128
+    """Moved candidates proposed and scored in each round's batch."""
+    max_words: int = 40
+    """Most words in a candidate made by word moves."""
+    time_limit: float = 300.0
+    """Seconds the search may take; it stops before the round that would start past them."""
+    patience: int = 10
+    """Stop after this many rounds without a gain (on the held-out prompts where there are some)."""
+    allow_empty: bool = False
+    """The empty string is a candidate (a suffix may be nothing; a prompt may not)."""
+    progress: bool = False
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "beam_width", "per_round", "max_words", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if not self.time_limit > 0:
+            raise ValueError(f"time_limit must be positive; got {self.time_limit}")
+
+
+@dataclass
+class Problem:
+    """What a search scores: the objective it climbs, where it starts, and what may judge and stop it."""
+
+    objective: Callable[[Sequence[str]], np.ndarray]
+    """Scores on the training prompts; the beams follow it."""
+    starts: Sequence[str]
+    """Start candidates (normalised; duplicates and, unless allowed, empty ones dropped)."""
+    holdout: Callable[[Sequence[str]], np.ndarray] | None = None
+    """Scores on held-out prompts: they pick the result and count patience. None: training score does both."""
+    accept: Callable[[Sequence[str]], list[bool]] | None = None
+    """A fluency guard a candidate must pass before it enters the beams (the starts are exempt)."""
+
+
+@dataclass
 class Move:
     """A change of the search's leading candidate."""
 
@@ -262,154 +329,155 @@ class SearchResult:
         return self.evaluated / self.seconds if self.seconds > 0 else 0.0
 
 
-def _mutate(words: list[str], vocab: Sequence[str], rng: random.Random, max_words: int) -> tuple[list[str], str]:
-    move = rng.random()
-    out = list(words)
-    if (move < 0.4 or not out) and len(out) < max_words:
-        pos, word = rng.randint(0, len(out)), rng.choice(vocab)
-        out.insert(pos, word)
-        return out, f"insert {word!r} at {pos}"
-    if move < 0.65 and len(out) > 1:
-        pos = rng.randrange(len(out))
-        return out[:pos] + out[pos + 1:], f"delete {out[pos]!r} at {pos}"
-    if out:
-        pos, word = rng.randrange(len(out)), rng.choice(vocab)
-        old, out[pos] = out[pos], word
-        return out, f"replace {old!r} with {word!r} at {pos}"
-    return out, "none"
+class _Ledger:
+    """Every score, guard verdict and origin a search has seen: each candidate is scored and guarded once."""
 
+    def __init__(self, problem: Problem, beam_width: int) -> None:
+        self.problem, self.beam_width = problem, beam_width
+        self.train: dict[str, float] = {}
+        self.held: dict[str, float] = {}
+        self.passed: dict[str, bool] = {}
+        self.origin: dict[str, str] = {}
 
-def search(
-    objective: Callable[[Sequence[str]], np.ndarray],
-    starts: Sequence[str],
-    vocab: Sequence[str],
-    *,
-    holdout: Callable[[Sequence[str]], np.ndarray] | None = None,
-    accept: Callable[[Sequence[str]], list[bool]] | None = None,
-    seed: int = 0,
-    rounds: int = 50,
-    beam_width: int = 4,
-    per_round: int = 128,
-    max_words: int = 40,
-    time_limit: float = 300.0,
-    patience: int = 10,
-    allow_empty: bool = False,
-    clock: Callable[[], float] = time.monotonic,
-    progress: bool = False,
-    on_move: Callable[[Move], None] | None = None,
-) -> SearchResult:
-    """Beam search over word edits; deterministic for a seed (given deterministic objectives).
-
-    ``objective`` scores candidates on the training prompts; the beams follow it. With ``holdout`` (scores on
-    held-out prompts), every round's beams are also scored there, patience counts rounds without a held-out
-    gain, and the result is the best string on the held-out prompts among the starts and the beams: never worse
-    there than the best start. Without it, training score plays both parts. ``accept`` (a fluency guard) must
-    pass a candidate before it enters the beams; the starts are exempt, being the bar to beat.
-    """
-    t0 = clock()
-    rng = random.Random(seed)
-    train: dict[str, float] = {}
-    held: dict[str, float] = {}
-    passed: dict[str, bool] = {}
-    origin: dict[str, str] = {}
-
-    def evaluate(cands: list[str]) -> None:
-        new = [c for c in dict.fromkeys(cands) if c not in train]
+    def score(self, cands: Sequence[str]) -> None:
+        new = [c for c in dict.fromkeys(cands) if c not in self.train]
         if new:
-            train.update(zip(new, map(float, objective(new))))
+            self.train.update(zip(new, map(float, self.problem.objective(new))))
 
-    def evaluate_held(cands: list[str]) -> None:
-        new = [c for c in dict.fromkeys(cands) if c not in held]
-        if new and holdout is not None:
-            held.update(zip(new, map(float, holdout(new))))
+    def score_held(self, cands: Sequence[str]) -> None:
+        new = [c for c in dict.fromkeys(cands) if c not in self.held]
+        if new and self.problem.holdout is not None:
+            self.held.update(zip(new, map(float, self.problem.holdout(new))))
 
-    def check(cands: list[str]) -> None:
-        new = [c for c in cands if c not in passed]
+    def guard(self, cands: Sequence[str]) -> None:
+        new = [c for c in cands if c not in self.passed]
         if new:
-            passed.update(zip(new, accept(new) if accept is not None else [True] * len(new)))
+            accept = self.problem.accept
+            self.passed.update(zip(new, accept(new) if accept is not None else [True] * len(new)))
 
-    def pick_beams(pool: list[str]) -> list[str]:
-        ranked = sorted(pool, key=lambda c: (-train[c], c))
-        ranked = [c for c in ranked if math.isfinite(train[c])] or ranked[:1]
+    def measure(self, c: str) -> tuple:
+        """What picks the result: held-out score where there is a held-out set, then training score, then text."""
+        return (self.held[c] if self.problem.holdout is not None else self.train[c], self.train[c], c)
+
+    def pick_beams(self, pool: Sequence[str]) -> list[str]:
+        ranked = sorted(pool, key=lambda c: (-self.train[c], c))
+        ranked = [c for c in ranked if math.isfinite(self.train[c])] or ranked[:1]
         beams: list[str] = []
         i = 0
-        while len(beams) < beam_width and i < len(ranked):
-            chunk = ranked[i:i + 2 * beam_width]  # guard the likeliest first: an LM guard is the costly part
-            check(chunk)
-            beams += [c for c in chunk if passed[c]][: beam_width - len(beams)]
+        while len(beams) < self.beam_width and i < len(ranked):
+            chunk = ranked[i:i + 2 * self.beam_width]  # guard the likeliest first: an LM guard is the costly part
+            self.guard(chunk)
+            beams += [c for c in chunk if self.passed[c]][: self.beam_width - len(beams)]
             i += len(chunk)
         return beams or ranked[:1]
 
-    starts = list(dict.fromkeys(normalise(s) for s in starts if allow_empty or normalise(s)))
+
+def _score_starts(ledger: _Ledger, allow_empty: bool) -> list[str]:
+    starts = list(dict.fromkeys(normalise(s) for s in ledger.problem.starts if allow_empty or normalise(s)))
     if not starts:
         raise ValueError("no start candidates")
-    evaluate(starts)
-    passed.update(dict.fromkeys(starts, True))
-    origin.update(dict.fromkeys(starts, "start"))
-    if holdout is not None:
-        evaluate_held(starts)
-        start = max(starts, key=lambda c: (held[c], train[c], c))
-    else:
-        start = max(starts, key=lambda c: (train[c], c))
+    ledger.score(starts)
+    ledger.score_held(starts)
+    ledger.passed.update(dict.fromkeys(starts, True))
+    ledger.origin.update(dict.fromkeys(starts, "start"))
+    return starts
 
-    def measure(c: str) -> float:
-        return held[c] if holdout is not None else train[c]
 
-    beams = pick_beams(starts)
-    best = start
-    history = [train[beams[0]]]
-    heldout_history = [held[start]] if holdout is not None else []
-    moves = [Move(0, "start", beams[0], train[beams[0]], held.get(beams[0]))]
-    stale, done_rounds, stopped = 0, 0, "rounds"
-    bar = tqdm(total=rounds, disable=not progress, desc="optimize", unit="round")
-    try:
-        for r in range(1, rounds + 1):
-            if clock() - t0 >= time_limit:
+@dataclass
+class _Trace:
+    """The search's state between rounds: beams, the result so far and what the report shows of the way."""
+
+    ledger: _Ledger
+    start: str
+    beams: list[str]
+    best: str
+    history: list[float]
+    heldout_history: list[float]
+    moves: list[Move]
+    stale: int = 0
+    rounds: int = 0
+
+    @classmethod
+    def begin(cls, ledger: _Ledger, starts: list[str]) -> _Trace:
+        start = max(starts, key=ledger.measure)
+        beams = ledger.pick_beams(starts)
+        held = [ledger.held[start]] if ledger.problem.holdout is not None else []
+        first = Move(0, "start", beams[0], ledger.train[beams[0]], ledger.held.get(beams[0]))
+        return cls(ledger, start, beams, start, [ledger.train[beams[0]]], held, [first])
+
+    def advance(self, r: int, cands: list[str], on_move: Callable[[Move], None] | None) -> None:
+        """Score a round's candidates, keep the best as beams, record a new leader, update the result."""
+        book = self.ledger
+        book.score(cands)
+        leader = self.beams[0]
+        self.beams = book.pick_beams(list(dict.fromkeys(self.beams + cands)))
+        if leader in self.beams and book.train[self.beams[0]] <= book.train[leader] + 1e-12:
+            # A tie is no move: the incumbent stays first (name order would swap in a longer equal string).
+            self.beams.remove(leader)
+            self.beams.insert(0, leader)
+        self.rounds = r
+        book.score_held(self.beams)
+        if self.beams[0] != leader:
+            lead = self.beams[0]
+            self.moves.append(Move(r, book.origin[lead], lead, book.train[lead], book.held.get(lead)))
+            if on_move is not None:
+                on_move(self.moves[-1])
+        challenger = max(self.beams, key=book.measure)
+        improved = book.measure(challenger)[0] > book.measure(self.best)[0] + 1e-9
+        self.best = challenger if improved else self.best
+        self.history.append(book.train[self.beams[0]])
+        if book.problem.holdout is not None:
+            self.heldout_history.append(book.held[self.best])
+        self.stale = 0 if improved else self.stale + 1
+
+    def result(self, stopped: str, seconds: float) -> SearchResult:
+        book = self.ledger
+        return SearchResult(
+            best=self.best, score=book.train[self.best], start=self.start, start_score=book.train[self.start],
+            rounds=self.rounds, evaluated=len(book.train), seconds=seconds, history=self.history,
+            heldout=book.held.get(self.best), start_heldout=book.held.get(self.start),
+            heldout_history=self.heldout_history, moves=self.moves, stopped=stopped,
+            rejected=sum(not v for v in book.passed.values()),
+        )
+
+
+def _propose(trace: _Trace, moves, config: SearchConfig, rng: random.Random) -> list[str]:
+    """One round's moved candidates (empty ones only where allowed), each remembered with how it was made."""
+    cands = []
+    for cand, how in moves.propose(trace.beams, config.per_round, rng):
+        if cand or config.allow_empty:
+            trace.ledger.origin.setdefault(cand, how)
+            cands.append(cand)
+    return cands
+
+
+def search(problem: Problem, moves, config: SearchConfig | None = None, *,
+           clock: Callable[[], float] = time.monotonic, on_move: Callable[[Move], None] | None = None) -> SearchResult:
+    """Beam search over ``moves`` (a move source, or a word list for word edits); deterministic for a seed.
+
+    The beams follow the training objective. With ``problem.holdout``, every round's beams are also scored on
+    the held-out prompts, patience counts rounds without a held-out gain, and the result is the best string
+    there among the starts and the beams: never worse there than the best start. Without it, training score
+    plays both parts.
+    """
+    config = config or SearchConfig()
+    moves = moves if hasattr(moves, "propose") else WordMoves(moves, config.max_words)
+    t0, rng = clock(), random.Random(config.seed)
+    ledger = _Ledger(problem, config.beam_width)
+    trace = _Trace.begin(ledger, _score_starts(ledger, config.allow_empty))
+    stopped = "rounds"
+    with tqdm(total=config.rounds, disable=not config.progress, desc="optimize", unit="round") as bar:
+        for r in range(1, config.rounds + 1):
+            if clock() - t0 >= config.time_limit:
                 stopped = "time limit"
                 break
-            cands = []
-            for _ in range(per_round):
-                parent = beams[rng.randrange(len(beams))]
-                words, how = _mutate(parent.split(), vocab, rng, max_words)
-                if words or allow_empty:
-                    cand = " ".join(words)
-                    origin.setdefault(cand, f"{how} of {parent!r}")
-                    cands.append(cand)
-            evaluate(cands)
-            leader = beams[0]
-            beams = pick_beams(list(dict.fromkeys(beams + cands)))
-            if leader in beams and train[beams[0]] <= train[leader] + 1e-12:
-                # A tie is no move: the incumbent stays first (name order would swap in a longer equal string).
-                beams.remove(leader)
-                beams.insert(0, leader)
-            done_rounds = r
-            evaluate_held(beams)
-            if beams[0] != leader:
-                move = Move(r, origin[beams[0]], beams[0], train[beams[0]], held.get(beams[0]))
-                moves.append(move)
-                if on_move is not None:
-                    on_move(move)
-            challenger = max(beams, key=lambda c: (measure(c), train[c], c))
-            improved = measure(challenger) > measure(best) + 1e-9
-            if improved:
-                best = challenger
-            history.append(train[beams[0]])
-            if holdout is not None:
-                heldout_history.append(held[best])
-            stale = 0 if improved else stale + 1
+            trace.advance(r, _propose(trace, moves, config, rng), on_move)
             bar.update(1)
-            bar.set_postfix(train=f"{history[-1]:.4f}", refresh=False)
-            if stale >= patience:
-                stopped = "held-out patience" if holdout is not None else "patience"
+            bar.set_postfix(train=f"{trace.history[-1]:.4f}", refresh=False)
+            if trace.stale >= config.patience:
+                stopped = "held-out patience" if problem.holdout is not None else "patience"
                 break
-    finally:
-        bar.close()
-    return SearchResult(
-        best=best, score=train[best], start=start, start_score=train[start], rounds=done_rounds,
-        evaluated=len(train), seconds=clock() - t0, history=history, heldout=held.get(best),
-        start_heldout=held.get(start), heldout_history=heldout_history, moves=moves, stopped=stopped,
-        rejected=sum(not v for v in passed.values()),
-    )
+    return trace.result(stopped, clock() - t0)
 
 
 # --- the optimize-prompt entry -----------------------------------------------------------------------------------
@@ -490,93 +558,289 @@ def _read_lines(path: str | None) -> list[str]:
         raise InputError(f"cannot read start file {path}: {exc}") from None
 
 
-def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None) -> dict:
-    """The optimize-prompt entry: search, write ``args.output``, return a report."""
-    from .score import PACKAGED, Embedder, read_prompts
+@dataclass
+class Task:
+    """What optimize-prompt searches for, as read from its files: a mean prompt, or a suffix of predictions."""
 
-    if embedders is None:
-        embedders = [Embedder(p) for p in (args.embedder or [PACKAGED])]
+    mode: str
+    """mean_prompt or suffix."""
+    rows: list[tuple[str, str | None, str]]
+    """(id, prediction or None, gold prompt) of every row the search and its cross-validation may use."""
+    val_rows: list[tuple[str, str | None, str]]
+    """--val rows: the held-out set of every run (empty: --holdout splits the rows instead)."""
+    baseline: str
+    """What is written when no search result clearly beats it: "Improve the text to this." or no suffix."""
+    starts: list[str]
+    """Start candidates besides the training prompts (a mean-prompt search also starts from those)."""
+    reference: list[str]
+    """Strings the report scores beside the result."""
+
+
+def _mean_task(args, gold: list[str], starts_given: list[str]) -> Task:
+    val = [(i, None, g) for i, g in zip(*_read_gold([args.val], args.column))] if args.val else []
+    starts = [BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *starts_given]
+    return Task("mean_prompt", [(str(k), None, g) for k, g in enumerate(gold)], val, BASELINE, starts,
+                [BASELINE, PUBLIC_MEAN_PROMPT])
+
+
+def _suffix_task(args, ids: list[str], gold: list[str], starts_given: list[str]) -> Task:
+    from .score import read_prompts
+
+    by_id = dict(zip(*read_prompts(args.predictions)))
+    rows = [(i, by_id[i], g) for i, g in zip(ids, gold) if i in by_id and by_id[i].strip()]
+    if not rows:
+        raise InputError(f"no ids of {args.predictions} match {args.prompts_csv}")
+    val: list = []
+    if args.val:
+        val_ids, val_gold = _read_gold([args.val], args.column)
+        val = [(i, by_id[i], g) for i, g in zip(val_ids, val_gold) if i in by_id and by_id[i].strip()]
+        if not val:
+            raise InputError(f"no ids of {args.val} have a prediction in {args.predictions}")
+        rows = [r for r in rows if r[0] not in set(val_ids)]
+        if not rows:
+            raise InputError(f"every row of {args.prompts_csv} with a prediction is held out")
+    starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *starts_given]
+    return Task("suffix", rows, val, "", starts, [""])
+
+
+def read_task(args) -> Task:
+    """The rows, starts and baseline of an optimize-prompt run; bad input is an InputError."""
     ids, gold = _read_gold([args.prompts_csv, *args.extra_prompts], args.column)
-    starts_given = [*args.start, *_read_lines(args.start_file)]
     if not gold:
         raise InputError(f"{args.prompts_csv} has no non-empty '{args.column}' values to optimise against")
-    report: dict = {"embedders": [e.label for e in embedders], "objective": args.objective,
-                    "relative_to": None}
+    if args.vocabulary != "words" and args.predictions is not None:
+        raise InputError("--vocabulary embedder searches a mean prompt; it cannot search a suffix (--predictions)")
+    starts_given = [*args.start, *_read_lines(args.start_file)]
     if args.predictions is None:
-        if args.val:
-            _, held_gold = _read_gold([args.val], args.column)
-            train_gold = gold
-        elif args.holdout > 0:
-            tr, he = split_holdout(gold, args.holdout, args.seed)
-            train_gold, held_gold = [gold[i] for i in tr], [gold[i] for i in he]
+        return _mean_task(args, gold, starts_given)
+    return _suffix_task(args, ids, gold, starts_given)
+
+
+@dataclass
+class Searcher:
+    """One run of the search procedure on any subset of the rows: the final run and every fold's run alike."""
+
+    task: Task
+    embedders: list
+    args: object
+    """The OptimizeArgs."""
+    accept: Callable[[Sequence[str]], list[bool]] | None = None
+    caches: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.caches = self.caches or [{} for _ in self.embedders]
+
+    def objective(self, rows: Sequence[tuple], trim: int = 0) -> Combined:
+        args, ref = self.args, (BASELINE if self.task.mode == "mean_prompt" else "")
+        if self.task.mode == "mean_prompt":
+            parts = [MeanObjective(e, [g for _, _, g in rows], c, trim) for e, c in zip(self.embedders, self.caches)]
         else:
-            train_gold, held_gold = gold, []
-        caches = [{} for _ in embedders]
-        ref = BASELINE if args.relative else None
-        objective = Combined([MeanObjective(e, train_gold, c) for e, c in zip(embedders, caches)], args.objective,
-                             ref)
-        holdout = (Combined([MeanObjective(e, held_gold, c) for e, c in zip(embedders, caches)], args.objective,
-                            ref) if held_gold else None)
-        # Each distinct training prompt is a start too: the best single training prompt is a bar to beat.
-        starts = [BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *starts_given,
-                  *dict.fromkeys(train_gold)]
-        allow_empty = False
-        report.update(mode="mean_prompt", train_prompts=len(train_gold), heldout_prompts=len(held_gold))
-        reference = [BASELINE, PUBLIC_MEAN_PROMPT]
-        report["relative_to"] = BASELINE if args.relative else None
-    else:
-        pred_ids, preds = read_prompts(args.predictions)
-        by_id = dict(zip(pred_ids, preds))
-        rows = [(i, by_id[i], g) for i, g in zip(ids, gold) if i in by_id and by_id[i].strip()]
-        if not rows:
-            raise InputError(f"no ids of {args.predictions} match {args.prompts_csv}")
-        if args.val:
-            val_ids, val_gold = _read_gold([args.val], args.column)
-            held_rows = [(i, by_id[i], g) for i, g in zip(val_ids, val_gold) if i in by_id and by_id[i].strip()]
-            if not held_rows:
-                raise InputError(f"no ids of {args.val} have a prediction in {args.predictions}")
-            held_ids = set(val_ids)
-            train_rows = [r for r in rows if r[0] not in held_ids]
-        elif args.holdout > 0:
-            tr, he = split_holdout([g for _, _, g in rows], args.holdout, args.seed)
-            train_rows, held_rows = [rows[i] for i in tr], [rows[i] for i in he]
-        else:
-            train_rows, held_rows = rows, []
-        if not train_rows:
-            raise InputError(f"every row of {args.prompts_csv} with a prediction is held out")
+            parts = [SuffixObjective(e, [p for _, p, _ in rows], [g for _, _, g in rows]) for e in self.embedders]
+        return Combined(parts, args.objective, ref if args.relative else None)
+
+    def split(self, rows: Sequence[tuple]) -> tuple[list, list]:
+        """(training rows, held-out rows): --val's rows, or --holdout's share of distinct prompts, or none."""
+        if self.task.val_rows:
+            return list(rows), list(self.task.val_rows)
+        if self.args.holdout > 0:
+            tr, he = split_holdout([g for _, _, g in rows], self.args.holdout, self.args.seed)
+            return [rows[i] for i in tr], [rows[i] for i in he]
+        return list(rows), []
+
+    def moves(self, train_gold: Sequence[str]):
+        """The move source --vocabulary names; token moves follow the first embedder's gradient."""
+        args = self.args
+        words = WordMoves(build_vocabulary(train_gold), args.max_words)
+        if args.vocabulary == "words":
+            return words
+        tokens = TokenMoves(self.embedders[0], train_gold, args.top_k, args.max_words)
+        return tokens if args.vocabulary == "embedder" else MixedMoves([words, tokens])
+
+    def run(self, rows: Sequence[tuple], config: SearchConfig, on_move=None):
+        """(result, training objective, held-out objective or None) of one search on ``rows``."""
+        train_rows, held_rows = self.split(rows)
         train_gold = [g for _, _, g in train_rows]
+        objective = self.objective(train_rows, self.args.trim)
+        holdout = self.objective(held_rows) if held_rows else None
+        # Each distinct training prompt is a start too: the best single training prompt is a bar to beat.
+        starts = [*self.task.starts, *(dict.fromkeys(train_gold) if self.task.mode == "mean_prompt" else ())]
+        problem = Problem(objective, starts, holdout, self.accept)
+        return search(problem, self.moves(train_gold), config, on_move=on_move), objective, holdout
 
-        def suffix_objective(part):
-            return Combined([SuffixObjective(e, [p for _, p, _ in part], [g for _, _, g in part])
-                             for e in embedders], args.objective, "" if args.relative else None)
+    def row_scores(self, rows: Sequence[tuple], text: str) -> np.ndarray:
+        """Untrimmed per-row metric of ``text``, shape (embedders, rows)."""
+        return np.stack([part.per_prompt([text])[0] for part in self.objective(rows).parts])
 
-        objective = suffix_objective(train_rows)
-        holdout = suffix_objective(held_rows) if held_rows else None
-        starts = ["", BASELINE, PUBLIC_MEAN_PROMPT, shipped_mean_prompt(), *GENERIC_STARTS, *starts_given]
-        allow_empty = True
-        report.update(mode="suffix", train_rows=len(train_rows), heldout_rows=len(held_rows))
-        reference = [""]
-        report["relative_to"] = "no suffix" if args.relative else None
-    guard = _fluency_guard(args, train_gold, report)
-    result = search(objective, starts, build_vocabulary(train_gold), holdout=holdout, accept=guard,
-                    seed=args.seed, rounds=args.rounds, beam_width=args.beam_width,
-                    per_round=args.candidates_per_round, max_words=args.max_words, time_limit=args.time_limit,
-                    patience=args.patience, allow_empty=allow_empty, progress=args.progress, on_move=on_move)
-    table = {}
-    for name, text in [*(("no suffix" if t == "" else t, t) for t in reference), ("best start", result.start),
-                       ("result", result.best)]:
-        table[name] = {"text": text, "train": _scores(objective, text), "heldout": _scores(holdout, text)}
-    report.update({
+
+# --- choosing the result: cross-validation of the search against the baseline ----------------------------------
+
+@dataclass
+class GateConfig:
+    """When a search result may replace the baseline: out-of-fold evidence that it clearly wins."""
+
+    folds: int = 5
+    """Folds of the distinct prompts; each fold is scored by a search that never saw it. 0: no gate."""
+    margin: float = 0.02
+    """Least out-of-fold mean gain, as a share of the baseline's score."""
+    confidence: float = 0.95
+    """The bootstrap lower bound of the gain (resampling prompts) at this confidence must be above 0."""
+    drop_top: int = 2
+    """The gain must stay above 0 without the prompts that gained most: no win from one or two prompts."""
+    seed: int = 0
+    """Seed of the fold assignment and of the bootstrap."""
+    resamples: int = 2000
+    """Bootstrap resamples."""
+
+    def __post_init__(self) -> None:
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"folds must be 0 (no gate) or at least 2; got {self.folds}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1); got {self.confidence}")
+        if self.margin < 0 or self.drop_top < 0 or self.resamples < 1:
+            raise ValueError("margin and drop_top must be at least 0, resamples at least 1")
+
+
+@dataclass
+class Gate:
+    """The verdict of the cross-validation and the figures behind it (gains are shares of the baseline's score)."""
+
+    adopted: bool
+    reason: str
+    folds: int = 0
+    prompts: int = 0
+    fold_results: list[str] = field(default_factory=list)
+    evidence: list[dict] = field(default_factory=list)
+    """Per column (the combined score, or each embedder under --objective worst): gain, lower, without_top."""
+
+
+def assign_folds(keys: Sequence[str], folds: int, seed: int) -> list[int]:
+    """A fold number for each row; rows with the same prompt text share a fold."""
+    distinct = sorted(set(keys))
+    random.Random(seed).shuffle(distinct)
+    fold_of = {p: k % folds for k, p in enumerate(distinct)}
+    return [fold_of[k] for k in keys]
+
+
+def evidence(gains: np.ndarray, keys: Sequence[str], cfg: GateConfig) -> dict:
+    """Mean gain per row, its bootstrap lower bound over prompts, and the mean without the ``drop_top`` prompts
+    that gained most. Rows of one prompt move together: the prompts, not the rows, are the sample."""
+    index = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+    group = np.array([index[k] for k in keys])
+    total = np.bincount(group, weights=gains, minlength=len(index))
+    count = np.bincount(group, minlength=len(index)).astype(float)
+    keep = np.argsort(-total, kind="stable")[cfg.drop_top:]
+    draws = np.random.default_rng(cfg.seed).integers(0, len(index), size=(cfg.resamples, len(index)))
+    means = total[draws].sum(axis=1) / count[draws].sum(axis=1)
+    return {"gain": float(total.sum() / count.sum()), "lower": float(np.quantile(means, 1 - cfg.confidence)),
+            "without_top": float(total[keep].sum() / max(count[keep].sum(), 1.0))}
+
+
+def _out_of_fold_gains(searcher: Searcher, config: SearchConfig, folds: list[int], k: int) -> tuple[np.ndarray, list]:
+    """(gain over the baseline of each row's fold result, shape (embedders, rows); the fold results)."""
+    rows, base = searcher.task.rows, searcher.task.baseline
+    gains = np.zeros((len(searcher.embedders), len(rows)))
+    results = []
+    for f in range(k):
+        inside = [r for r, g in zip(rows, folds) if g != f]
+        out = [n for n, g in enumerate(folds) if g == f]
+        best = searcher.run(inside, config)[0].best
+        results.append(best)
+        held = [rows[n] for n in out]
+        gains[:, out] = searcher.row_scores(held, best) - searcher.row_scores(held, base)
+    return gains, results
+
+
+def cross_validate(searcher: Searcher, config: SearchConfig, cfg: GateConfig) -> Gate:
+    """Whether the search procedure clearly beats the baseline on prompts it never saw: each fold is scored by
+    the result of a search on the other folds, and the gain must pass all three of evidence()'s bars."""
+    keys = [g for _, _, g in searcher.task.rows]
+    n = len(set(keys))
+    if n < cfg.drop_top + 3:
+        return Gate(False, f"{n} distinct prompts are too few to cross-validate (need {cfg.drop_top + 3})",
+                    prompts=n)
+    k = min(cfg.folds, n)
+    folds = assign_folds(keys, k, cfg.seed)
+    try:
+        gains, results = _out_of_fold_gains(searcher, config, folds, k)
+    except InputError as exc:  # a fold too small for --holdout's split: no evidence, so no adoption
+        return Gate(False, f"a fold's search cannot run: {exc}", k, n)
+    base = searcher.row_scores(searcher.task.rows, searcher.task.baseline).mean(axis=1)
+    rel = gains / np.where(base > 1e-6, base, 1.0)[:, None]  # shares of the baseline's score, per embedder
+    columns = [rel.mean(axis=0)] if searcher.args.objective == "mean" else list(rel)
+    found = [evidence(c, keys, cfg) for c in columns]
+    failed = [f"{name} {e[name]:+.4f}" for e in found for name, bar in
+              (("gain", cfg.margin), ("lower", 0.0), ("without_top", 0.0)) if not e[name] > bar]
+    adopted = not failed
+    reason = (f"out-of-fold gain over {searcher.task.baseline!r} passes every bar" if adopted else
+              "out-of-fold evidence too weak: " + ", ".join(failed))
+    return Gate(adopted, reason, k, n, results, found)
+
+
+# --- optimize-prompt: one search, its cross-validation, the report ----------------------------------------------
+
+def _search_config(args, share: int) -> SearchConfig:
+    """The search settings of args, with 1/share of the time limit (the final run and each fold's run)."""
+    return SearchConfig(seed=args.seed, rounds=args.rounds, beam_width=args.beam_width,
+                        per_round=args.candidates_per_round, max_words=args.max_words,
+                        time_limit=args.time_limit / share, patience=args.patience,
+                        allow_empty=args.predictions is not None, progress=args.progress)
+
+
+def _gate_config(args) -> GateConfig:
+    return GateConfig(folds=args.folds, margin=args.margin, confidence=args.confidence, drop_top=args.drop_top,
+                      seed=args.seed)
+
+
+def _score_table(task: Task, result: SearchResult, chosen: str, objective, holdout) -> dict:
+    named = [*(("no suffix" if t == "" else t, t) for t in task.reference), ("best start", result.start),
+             ("search result", result.best), ("result", chosen)]
+    return {name: {"text": text, "train": _scores(objective, text), "heldout": _scores(holdout, text)}
+            for name, text in named}
+
+
+def _result_report(result: SearchResult, chosen: str, objective, holdout) -> dict:
+    return {
         "start": result.start, "start_score": result.start_score, "start_heldout": result.start_heldout,
-        "best": result.best, "score": result.score, "heldout": result.heldout, "scores": table,
+        "best": chosen, "score": float(objective([chosen])[0]),
+        "heldout": float(holdout([chosen])[0]) if holdout is not None else None,
+        "search_best": result.best, "search_score": result.score, "search_heldout": result.heldout,
         "moves": [asdict(m) for m in result.moves], "stopped": result.stopped, "rounds": result.rounds,
         "evaluated": result.evaluated, "rejected_by_fluency_guard": result.rejected, "seconds": result.seconds,
         "candidates_per_s": result.candidates_per_s, "history": result.history,
         "heldout_history": result.heldout_history,
-    })
+    }
+
+
+def _write(args, chosen: str, report: dict) -> None:
     with open(args.output, "w", encoding="utf-8") as f:
-        f.write(result.best + "\n")
+        f.write(chosen + "\n")
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
+
+
+def optimize(args, embedders=None, on_move: Callable[[Move], None] | None = None) -> dict:
+    """The optimize-prompt entry: search, cross-validate the search against the baseline, write the chosen
+    string to ``args.output``, return a report."""
+    from .score import PACKAGED, Embedder
+
+    task = read_task(args)
+    embedders = embedders or [Embedder(p) for p in (args.embedder or [PACKAGED])]
+    report: dict = {"embedders": [e.label for e in embedders], "objective": args.objective, "mode": task.mode,
+                    "relative_to": (BASELINE if task.mode == "mean_prompt" else "no suffix") if args.relative else None,
+                    "vocabulary": args.vocabulary}
+    searcher = Searcher(task, embedders, args, _fluency_guard(args, [g for _, _, g in task.rows], report))
+    gate_cfg = _gate_config(args)
+    runs = 1 + (min(gate_cfg.folds, len({g for _, _, g in task.rows})) if gate_cfg.folds else 0)
+    result, objective, holdout = searcher.run(task.rows, _search_config(args, runs), on_move)
+    train_rows, held_rows = searcher.split(task.rows)
+    unit = "prompts" if task.mode == "mean_prompt" else "rows"
+    report.update({f"train_{unit}": len(train_rows), f"heldout_{unit}": len(held_rows)})
+    gate = cross_validate(searcher, _search_config(args, runs), gate_cfg) if gate_cfg.folds else None
+    chosen = result.best if gate is None or gate.adopted else task.baseline
+    report["selection"] = ({"by": "none (--folds 0)", "adopted": True} if gate is None else
+                           {"by": f"{gate_cfg.folds}-fold cross-validation", **asdict(gate)})
+    report.update(_result_report(result, chosen, objective, holdout))
+    report["scores"] = _score_table(task, result, chosen, objective, holdout)
+    _write(args, chosen, report)
     return report
