@@ -227,19 +227,18 @@ def predict(args: PredictArgs, *, clock: Callable[[], float] = time.monotonic, l
     deadline = start + report.budget_s - args.budget.margin(n)
     rows.write()  # a valid file exists before anything heavy can fail: from here on the output always scores
 
-    where = {"stage": "model load"}  # _answer moves it on; a failure is reported at the stage it reached
     try:
-        todo = _answer(args, rows, report, deadline, clock, loader, where)
+        todo = _answer(args, rows, report, deadline, clock, loader)
     except InputError as exc:
         # The all-fallback file is on disk and scores: the report says why nothing better came (exit 2 follows).
-        _record_failure(report, exc, where["stage"])
+        _record_failure(report, exc, getattr(exc, "stage", "model load"))  # the stage the group reached
         _finish_report(args, report, rows, [], clock() - start)
         raise
     _finish_report(args, report, rows, todo, clock() - start)
     return report
 
 
-def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, clock, loader, where: dict) -> list[int]:
+def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, clock, loader) -> list[int]:
     """Rules, resumed answers, then every member group in turn; returns the rows sent to the models."""
     members, method = resolve_members(args)
     report.combine = method
@@ -278,14 +277,14 @@ def _answer(args: PredictArgs, rows: Rows, report: Report, deadline: float, cloc
             try:
                 server.serve(todo, group_deadline)
             except InputError as exc:
-                where["stage"] = server.stage
+                exc.stage = server.stage  # predict reports the failure at the stage the group reached
                 if len(plan) == 1:
                     raise  # the one model or adapter the run has is unusable: the user's to fix (exit 2)
                 # A spec's later member that does not fit must not end the members that do.
-                _group_failed(report, rows, todo, group, exc, "input", server.stage)
+                server.failed(todo, exc, "input")
             except Exception as exc:  # the file on disk is complete; this group's rows keep what others gave
                 log.debug("member group failed", exc_info=True)
-                _group_failed(report, rows, todo, group, exc, "error", server.stage)
+                server.failed(todo, exc, "error")
             finally:
                 _release_memory()
                 report.members = [asdict(r) for r in reports.values()]
@@ -314,15 +313,6 @@ def _finish_report(args: PredictArgs, report: Report, rows: Rows, todo: list[int
 def _record_failure(report: Report, exc: BaseException, stage: str) -> None:
     report.stage, report.error_type, report.error_message = stage, type(exc).__name__, one_line(exc)
     report.error = f"{report.error_type}: {report.error_message}"
-
-
-def _group_failed(report: Report, rows: Rows, todo: list[int], group: list[Member], exc: Exception,
-                  kind: str, stage: str) -> None:
-    _record_failure(report, exc, stage)
-    log.warning("member(s) %s failed at %s (%s); their rows keep other members' answers or the fallback",
-                ", ".join(m.name for m in group), stage, report.error)
-    for i in todo:
-        rows.fall_back(i, f"{kind}: {type(exc).__name__}")
 
 
 def _release_memory() -> None:
@@ -540,6 +530,14 @@ class GroupServer:
         run.rows.record(entries)
         run.recombine({k[0] for k in done})
         run.rows.write()
+
+    def failed(self, todo: list[int], exc: Exception, kind: str) -> None:
+        """The group failed at ``self.stage``: recorded in the report; its rows keep other answers or fall back."""
+        _record_failure(self.run.report, exc, self.stage)
+        log.warning("member(s) %s failed at %s (%s); their rows keep other members' answers or the fallback",
+                    ", ".join(m.name for m in self.group), self.stage, self.run.report.error)
+        for i in todo:
+            self.run.rows.fall_back(i, f"{kind}: {type(exc).__name__}")
 
     def recover(self, message: str) -> bool:
         """float16 overflow (Gemma 3 on a T4): switch the loaded model to the safe dtype and retry the batch."""
