@@ -98,7 +98,8 @@ def build_model(name: str, folder: Path, texts: list[str]) -> dict:
 def write_rows(out: Path, n: int, words: int) -> tuple[Path, Path, list[str]]:
     """n rows of data_samples/train.csv with texts cut to ``words`` words (keeps CPU prefill short)."""
     with open(ROOT / "data_samples" / "train.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:n]
+        every = list(csv.DictReader(f))
+    rows = every[:n]
     cut = [{**r, "original_text": " ".join(r["original_text"].split()[:words]),
             "rewritten_text": " ".join(r["rewritten_text"].split()[:words])} for r in rows]
     train, test = out / "train.csv", out / "test.csv"
@@ -108,8 +109,7 @@ def write_rows(out: Path, n: int, words: int) -> tuple[Path, Path, list[str]]:
             w = csv.DictWriter(f, cols, extrasaction="ignore")
             w.writeheader()
             w.writerows(cut)
-    with open(ROOT / "data_samples" / "train.csv", newline="") as f:
-        texts = [v for r in csv.DictReader(f) for v in (r["original_text"], r["rewritten_text"], r["rewrite_prompt"])]
+    texts = [v for r in every for v in (r["original_text"], r["rewritten_text"], r["rewrite_prompt"])]
     return train, test, texts
 
 

@@ -443,9 +443,9 @@ class GroupServer:
                         "fallback prompt")
             _miss(keys, run.rows, run.reports, self.by_rank, "deadline")
             return None
-        run.report.model = {k: v for k, v in {**loaded.identity, **loaded.info}.items() if k != "startup"}
+        run.report.model = {**loaded.identity, **loaded.info}
         if not run.report.startup:
-            run.report.startup = dict(loaded.info.get("startup") or {})
+            run.report.startup = dict(loaded.startup)
         return loaded
 
     def requests(self, keys: list) -> dict:
@@ -546,7 +546,7 @@ class GroupServer:
         result = model_lib.upcast(self.loaded, why=message)
         if result["changed"]:
             self.run.report.recoveries.append(f"{message}: upcast from {result['from']} to {result['to']}")
-            self.run.report.model.update({k: v for k, v in self.loaded.info.items() if k != "startup"})
+            self.run.report.model.update(self.loaded.info)
         return bool(result["changed"])
 
 

@@ -59,7 +59,7 @@ def attach(model, folders: Mapping[str, str], configs: Mapping[str, dict], *, qu
             loras[name] = folder
     if loras:
         alone = len(folders) == 1 and not base_needed
-        model, merged = lora.load(model, loras, merge=alone and merge_lora and not quantized)
+        model, merged = lora.load(model, loras, merge=alone and merge_lora and not quantized, configs=configs)
         if merged:
             served.merged = next(iter(loras))
         else:

@@ -19,19 +19,21 @@ WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft saves each key under its wrapper's path to the base model
 
 
-def load(model, folders: Mapping[str, str], merge: bool):
-    """(model, merged): a PeftModel holding every adapter, or the base with the single adapter merged in."""
+def load(model, folders: Mapping[str, str], merge: bool, configs: Mapping[str, dict] | None = None):
+    """(model, merged): a PeftModel holding every adapter, or the base with the single adapter merged in.
+
+    ``configs``: {name: adapter_config} already read by the caller (read here when absent).
+    """
     if merge and len(folders) == 1:
-        folder = next(iter(folders.values()))
-        if plain_lora(folder):
-            try:
-                merged = merge_plain(model, folder)
-                if merged is not None:
-                    return merged, True
-            except (RuntimeError, ValueError, KeyError) as exc:
-                if out_of_memory(exc):
-                    raise
-                raise AdapterMismatch(f"LoRA adapter {folder} does not fit the model: {one_line(exc)}") from None
+        name, folder = next(iter(folders.items()))
+        try:
+            merged = merge_plain(model, folder, (configs or {}).get(name))
+            if merged is not None:
+                return merged, True
+        except (RuntimeError, ValueError, KeyError) as exc:
+            if out_of_memory(exc):
+                raise
+            raise AdapterMismatch(f"LoRA adapter {folder} does not fit the model: {one_line(exc)}") from None
     from peft import PeftModel  # here: its import alone is about 2 s (it pulls in bitsandbytes)
 
     peft_model = None
@@ -65,31 +67,44 @@ HARMLESS_KEYS = frozenset({
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
 
-def plain_lora(folder: str) -> bool:
-    """True for a LoRA that is only A and B on linear layers, one rank and alpha, no variant, bias, saved module
-    or base-rewriting initialisation: what ``merge_plain`` merges exactly as peft's ``merge_and_unload`` would."""
-    path = os.path.join(folder, WEIGHTS)
+def plain_config(cfg: dict) -> bool:
+    """True for a LoRA config of only A and B, one rank and alpha, no variant, bias, saved module or base-rewriting
+    initialisation: what ``merge_plain`` merges exactly as peft's ``merge_and_unload`` would."""
+    return (cfg.get("peft_type") == "LORA" and cfg.get("bias", "none") == "none"
+            and cfg.get("init_lora_weights", True) in PLAIN_INITS
+            and isinstance(cfg.get("r"), int) and cfg["r"] > 0 and isinstance(cfg.get("lora_alpha"), (int, float))
+            and not any(value for key, value in cfg.items() if key not in HARMLESS_KEYS))
+
+
+def _plain_keys(keys) -> bool:
+    """Every saved tensor an A or a B of a module (no saved embedding, head or other module)."""
+    keys = list(keys)
+    return bool(keys) and all(k.startswith(PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+
+
+def _read_config(folder: str) -> dict | None:
     try:
         with open(os.path.join(folder, "adapter_config.json")) as f:
-            cfg = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
-        return False
-    simple = (cfg.get("peft_type") == "LORA" and os.path.isfile(path) and cfg.get("bias", "none") == "none"
-              and cfg.get("init_lora_weights", True) in PLAIN_INITS
-              and isinstance(cfg.get("r"), int) and cfg["r"] > 0 and isinstance(cfg.get("lora_alpha"), (int, float))
-              and not any(value for key, value in cfg.items() if key not in HARMLESS_KEYS))
-    if not simple:
+        return None
+
+
+def plain_lora(folder: str) -> bool:
+    """Whether the adapter in ``folder`` is one ``merge_plain`` merges by hand (config and saved keys)."""
+    cfg, path = _read_config(folder), os.path.join(folder, WEIGHTS)
+    if not cfg or not plain_config(cfg) or not os.path.isfile(path):
         return False
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        keys = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
-    return bool(keys) and all(k.startswith(PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+        return _plain_keys(f.keys())
 
 
-def merge_plain(model, folder: str):
+def merge_plain(model, folder: str, cfg: dict | None = None):
     """The base with W += scale * B @ A for every adapted linear layer, computed as peft computes it; None (the
-    base untouched) when a saved name is no module of this model, for peft's own key mapping to resolve.
+    base untouched) for an adapter that is not plain (``plain_config``, saved keys), a quantized or offloaded
+    base, or a saved name that is no module of this model (peft's own key mapping may resolve it).
 
     By hand because peft's import (about 2 s, most of a warm start's adapter time) buys nothing here: a merged
     plain LoRA is this one product per layer.
@@ -97,14 +112,18 @@ def merge_plain(model, folder: str):
     import torch
     from safetensors.torch import load_file
 
-    with open(os.path.join(folder, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    r = cfg["r"]
-    scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
-    weights = load_file(os.path.join(folder, WEIGHTS), device="cpu")
+    cfg = cfg if cfg is not None else _read_config(folder)
+    path = os.path.join(folder, WEIGHTS)
+    if not cfg or not plain_config(cfg) or not os.path.isfile(path):
+        return None
     if getattr(model, "is_quantized", False) or getattr(model, "hf_device_map", None) and any(
             d in ("disk", "meta") for d in model.hf_device_map.values()):
         return None  # packed 4/8-bit or offloaded weights: peft's merge knows their layouts
+    weights = load_file(path, device="cpu")  # read once: the keys decide, the same tensors merge
+    if not _plain_keys(weights):
+        return None  # a saved embedding, head or other module: peft loads those
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
     modules = dict(model.named_modules())
     names = sorted({k[len(PREFIX):-len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")})
     if not names or len(names) * 2 != len(weights):

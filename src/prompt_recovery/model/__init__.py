@@ -77,6 +77,8 @@ class Loaded:
     """Per requested adapter: the name the engine serves it under, or None for the bare base."""
     kinds: dict = field(default_factory=dict)
     """Served name -> peft type."""
+    startup: dict = field(default_factory=dict)
+    """Seconds of each load step (imports, resolve, tokenizer, weights, adapters) and of the process before it."""
     engine: Callable | None = None
     """Builds the engine serving this model, called as ``engine.Engine`` is; None: ``engine.Engine`` (a seam: the
     Kaggle simulator's loader hands back a model with a simulated engine of its own)."""
@@ -109,7 +111,8 @@ def _pick_device(args: ModelArgs) -> str:
 def load_base(args: ModelArgs):
     """Load (model, tokenizer, identity, info) for inference, offline, without remote code.
 
-    ``info["startup"]`` says where the seconds went: imports, conversion (a cold GGUF), tokenizer, weights.
+    ``info["startup"]`` says where the seconds went: imports, conversion (a cold GGUF), tokenizer, weights
+    (``load`` moves it to ``Loaded.startup``, beside the adapters' seconds).
     """
     t = time.perf_counter()
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -248,13 +251,13 @@ def load(args: ModelArgs) -> Loaded:
     configs = {name: check_adapter(path, ident) for name, path in folders.items()}
     attached = attach(model, folders, configs, quantized=args.quantize != "none", merge_lora=args.merge_lora,
                       base_needed=None in names)
-    info["startup"]["adapters_s"] = time.perf_counter() - t  # peft's import and a LoRA's merge land here
+    startup = {**info.pop("startup", {}), "adapters_s": time.perf_counter() - t}  # peft's import, a merge
     first = names[0] if names else None
     info.update({"adapter": paths[0] if paths else None,
                  "adapters": {n: {"path": p, "type": attached.kinds[n]} for n, p in folders.items()},
                  "adapter_type": attached.kinds.get(first) if first else None})
     return Loaded(model=attached.model, tokenizer=tokenizer, identity=ident, adapter=info["adapter"],
                   adapter_type=info["adapter_type"], info=info, served=attached.served, adapter_paths=paths,
-                  adapter_names=names, kinds=attached.kinds)
+                  adapter_names=names, kinds=attached.kinds, startup=startup)
 
 
